@@ -1,0 +1,1 @@
+"""fluxgymctl: the command-line client of fluxgymd."""

@@ -1,0 +1,100 @@
+"""One place that renders the same rows as a table (rich on a terminal, plain aligned
+text in a pipe) or as JSON. rich is imported only when a terminal will see its output: it
+costs more start-up time than the whole request does.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]  # (key, header, formatter)
+
+STATE_STYLE = {
+    "queued": "cyan", "starting": "blue", "running": "green", "stalled": "yellow",
+    "recovering": "yellow", "succeeded": "bold green", "failed": "bold red",
+    "cancelled": "magenta", "interrupted": "yellow",
+}
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str = "") -> None:
+    cells = [[fmt(r) for _, _, fmt in columns] for r in rows]
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title or None, header_style="bold")
+        for key, header, _ in columns:
+            t.add_column(header, justify="right" if key in _RIGHT else "left",
+                         overflow="fold")
+        for r, row_cells in zip(rows, cells):
+            styled = [
+                f"[{STATE_STYLE.get(c, '')}]{c}[/]" if key == "state" and c in STATE_STYLE
+                else _escape(c)
+                for (key, _, _), c in zip(columns, row_cells)
+            ]
+            t.add_row(*styled)
+        Console().print(t)
+        return
+    headers = [h for _, h, _ in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    out = [_line(headers, widths, columns)]
+    out += [_line(row, widths, columns) for row in cells]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+_RIGHT = {"id", "step", "loss", "elapsed_s", "eta_s", "attempts", "progress"}
+
+
+def _line(values: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:
+    parts = [v.rjust(w) if c[0] in _RIGHT else v.ljust(w)
+             for v, w, c in zip(values, widths, columns)]
+    return "  ".join(parts).rstrip()
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def pairs(items: Sequence[tuple[str, str]]) -> None:
+    width = max((len(k) for k, _ in items), default=0)
+    sys.stdout.write("\n".join(f"{k.ljust(width)}  {v}" for k, v in items) + "\n")
+
+
+# --- value formatting ---------------------------------------------------------------------
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def percent(fraction: float | None) -> str:
+    return f"{fraction * 100:.0f}%" if fraction is not None else "-"
+
+
+def number(v: float | None, digits: int = 4) -> str:
+    return f"{v:.{digits}g}" if v is not None else "-"
+
+
+def steps(job: dict[str, Any]) -> str:
+    if job.get("step") is None:
+        return "-"
+    return f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else str(job["step"])

@@ -1,0 +1,2 @@
+"""fluxgymd: a supervisor daemon for LoRA training jobs."""
+__version__ = "0.1.0"

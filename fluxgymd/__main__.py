@@ -1,0 +1,59 @@
+"""`fluxgymd`: run the daemon in the foreground (systemd runs it the same way)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fluxgymd",
+        description="Supervise LoRA training jobs: queue, run, watch, resume. "
+        "Talk to it with fluxgymctl.",
+    )
+    p.add_argument("--config", help="TOML config file (default: $FLUXGYM_CONFIG, else none)")
+    p.add_argument("--state-dir", help="where the job database lives")
+    p.add_argument("--runtime-dir", help="where the control and event sockets live")
+    p.add_argument("--outputs-dir", help="root of the per-job output folders")
+    p.add_argument("--max-concurrent-jobs", type=int, help="jobs running at once")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"fluxgymd {__version__}")
+    return p.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd, journald adds the time and our name itself.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = {
+        "state_dir": args.state_dir, "runtime_dir": args.runtime_dir,
+        "outputs_dir": args.outputs_dir, "max_concurrent_jobs": args.max_concurrent_jobs,
+        "log_level": args.log_level,
+    }
+    try:
+        cfg = load(args.config, flags)
+    except ConfigError as e:
+        print(f"fluxgymd: configuration error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    from .daemon import run_daemon  # after logging, so import-time messages are formatted
+
+    try:
+        return run_daemon(cfg)
+    except OSError as e:
+        logging.getLogger("fluxgymd").error("cannot start: %s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Daemon configuration: one table of keys, read with flag > environment > file > default.
+
+Every key is documented where it is set, in etc/fluxgymd.toml. An unknown key in the file is
+an error that names it and suggests the closest known key.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .paths import default_dirs
+from .protocol import CONTROL_SOCKET, MAX_IPC_PATH
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    type: type
+    default: Any
+    minimum: float | None = None
+
+    @property
+    def env(self) -> str:
+        # [daemon] keys read as FLUXGYM_<KEY>, others as FLUXGYM_<SECTION>_<KEY>.
+        prefix = "" if self.section == "daemon" else self.section.upper() + "_"
+        return f"FLUXGYM_{prefix}{self.name.upper()}"
+
+
+KEYS = [
+    # "" means: derive from systemd's directories or the user's, see _default_dirs.
+    Key("daemon", "state_dir", str, ""),
+    Key("daemon", "runtime_dir", str, ""),
+    Key("daemon", "outputs_dir", str, ""),
+    Key("daemon", "max_concurrent_jobs", int, 1, minimum=1),
+    Key("daemon", "log_level", str, "info"),
+    Key("logs", "max_bytes", int, 50 * 1024 * 1024, minimum=4096),
+    Key("logs", "backups", int, 3, minimum=0),
+    Key("logs", "memory_lines", int, 10000, minimum=100),
+    Key("watchdog", "kill_grace_s", float, 30.0, minimum=0),
+]
+_BY_SECTION: dict[str, dict[str, Key]] = {}
+for _k in KEYS:
+    _BY_SECTION.setdefault(_k.section, {})[_k.name] = _k
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: Key, value: Any, where: str) -> Any:
+    full = f"{key.section}.{key.name}"
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, str) and key.type is not str and where.startswith("environment"):
+        try:
+            value = key.type(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {full} must be a number, got {value!r}") from None
+    if not isinstance(value, key.type) or isinstance(value, bool):
+        raise ConfigError(
+            f"{where}: {full} must be {key.type.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{where}: {full} must be at least {key.minimum}, got {value}")
+    if full == "daemon.log_level" and value not in LOG_LEVELS:
+        raise ConfigError(f"{where}: {full} must be one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def read_file(path: Path) -> dict[tuple[str, str], Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    out: dict[tuple[str, str], Any] = {}
+    for section, table in data.items():
+        if section not in _BY_SECTION:
+            raise ConfigError(
+                f"{path}: unknown section [{section}]{_suggest(section, list(_BY_SECTION))}; "
+                f"known sections: {', '.join(_BY_SECTION)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}])")
+        for name, value in table.items():
+            keys = _BY_SECTION[section]
+            if name not in keys:
+                every = [f"{k.section}.{k.name}" for k in KEYS]
+                hint = _suggest(name, list(keys)) or _suggest(f"{section}.{name}", every)
+                raise ConfigError(f"{path}: unknown key {section}.{name}{hint}")
+            out[(section, name)] = _coerce(keys[name], value, str(path))
+    return out
+
+
+@dataclass
+class Config:
+    state_dir: Path
+    runtime_dir: Path
+    outputs_dir: Path
+    max_concurrent_jobs: int
+    log_level: str
+    log_max_bytes: int
+    log_backups: int
+    log_memory_lines: int
+    kill_grace_s: float
+    config_file: Path | None = None
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir / CONTROL_SOCKET}"
+
+
+def load(
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Resolve every key: flag > environment > file > default."""
+    env = dict(os.environ if env is None else env)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path = config_file or env.get("FLUXGYM_CONFIG")
+    from_file = read_file(Path(path)) if path else {}
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        if key.name in flags:
+            value = _coerce(key, flags[key.name], f"option --{key.name.replace('_', '-')}")
+        elif key.env in env:
+            value = _coerce(key, env[key.env], f"environment {key.env}")
+        elif (key.section, key.name) in from_file:
+            value = from_file[(key.section, key.name)]
+        else:
+            value = key.default
+        values[f"{key.section}.{key.name}"] = value
+    dirs = default_dirs(env)
+    resolved = {
+        name: Path(values[f"daemon.{name}"]).expanduser().resolve()
+        if values[f"daemon.{name}"]
+        else dirs[name]
+        for name in ("state_dir", "runtime_dir", "outputs_dir")
+    }
+    cfg = Config(
+        **resolved,
+        max_concurrent_jobs=values["daemon.max_concurrent_jobs"],
+        log_level=values["daemon.log_level"],
+        log_max_bytes=values["logs.max_bytes"],
+        log_backups=values["logs.backups"],
+        log_memory_lines=values["logs.memory_lines"],
+        kill_grace_s=values["watchdog.kill_grace_s"],
+        config_file=Path(path) if path else None,
+    )
+    sock = str(cfg.runtime_dir / CONTROL_SOCKET)
+    if len(sock.encode()) > MAX_IPC_PATH:
+        raise ConfigError(
+            f"runtime dir {cfg.runtime_dir} is too long: the socket path {sock} is "
+            f"{len(sock.encode())} bytes and Unix sockets allow {MAX_IPC_PATH}; "
+            "choose a shorter --runtime-dir"
+        )
+    return cfg

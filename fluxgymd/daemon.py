@@ -1,0 +1,512 @@
+"""fluxgymd's wiring and event loop: sockets, the queue, runs, shutdown and restore.
+
+Policy lives elsewhere (states, jobspec, progress parsing); this module decides only when
+to call it. Everything runs on one asyncio loop, so a job's state never changes under a
+handler's feet between two awaits it did not write.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import zmq
+import zmq.asyncio
+
+from . import __version__, jobspec
+from .config import Config
+from .joblog import JobLog, read_tail
+from .notify import Notifier, summary
+from .progress import parse_child_event, parse_tqdm
+from .protocol import (
+    ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
+    EXIT_INTERRUPTED, PROGRESS_SOCKET, PROTOCOL_VERSION, TOPIC_PROGRESS, TOPIC_STATE,
+    ErrorCode, FluxgymError, encode, log_topic,
+)
+from .server import ControlServer
+from .states import ACTIVE, FINISHED, JobState
+from .store import Store
+from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
+
+log = logging.getLogger("fluxgymd")
+S = JobState
+FLUSH_INTERVAL_S = 1.0
+RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs -f`
+# The daemon's own systemd plumbing is not the child's business.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                "LISTEN_FDNAMES", "INVOCATION_ID")
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    job_id: int
+    attempt: int
+    log: JobLog
+    parse_tqdm: bool
+    child: Child | None = None
+    cancel: bool = False
+    pending: dict[str, Any] = field(default_factory=dict)  # progress not yet in the store
+    metrics: list[tuple] = field(default_factory=list)
+    last_line: str = ""
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def job_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """The stable, documented shape of a job on the wire (`--json`)."""
+    now = time.time() if now is None else now
+    view = {k: v for k, v in job.items() if k not in ("spec", "pid_started", "queued_at")}
+    step, total, sps = job.get("step"), job.get("total_steps"), job.get("seconds_per_step")
+    view["progress"] = (step / total) if (step is not None and total) else None
+    started = job.get("started_at")
+    view["elapsed_s"] = ((job.get("finished_at") or now) - started) if started else None
+    running = job["state"] in (S.RUNNING.value, S.STARTING.value)
+    view["eta_s"] = (total - step) * sps if running and None not in (step, total, sps) else None
+    return view
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.runs: dict[int, Run] = {}
+        self.logs: collections.OrderedDict[int, JobLog] = collections.OrderedDict()
+        self.stopping = False
+        self.started_mono = time.monotonic()
+        # Log lines are numbered per daemon run; clients that follow notice a restart by this.
+        self.epoch = f"{os.getpid()}-{time.time():.6f}"
+        self.notifier = Notifier()
+        self._locks: list[int] = []
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- start-up -------------------------------------------------------------------
+    def _lock(self, directory: Path) -> None:
+        path = directory / "fluxgymd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another fluxgymd is already running with {directory} (it holds {path}); "
+                "stop it first, or give this one its own --runtime-dir and --state-dir"
+            ) from None
+        self._locks.append(fd)
+
+    def open(self) -> None:
+        cfg = self.cfg
+        cfg.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # Lock before binding: a second bind on an ipc path silently steals it.
+        self._lock(cfg.runtime_dir)
+        if cfg.state_dir.resolve() != cfg.runtime_dir.resolve():
+            self._lock(cfg.state_dir)
+        self.store = Store(cfg.state_dir / "fluxgymd.sqlite3")
+        self.ctx = zmq.asyncio.Context()
+        self.control = ControlServer(self.ctx, cfg.control_endpoint, self._handlers())
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 10000)
+        self.pub.bind(f"ipc://{cfg.runtime_dir / EVENTS_SOCKET}")
+        self.progress_endpoint = f"ipc://{cfg.runtime_dir / PROGRESS_SOCKET}"
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+        self.pull.bind(self.progress_endpoint)
+
+    async def restore(self) -> None:
+        """Decide what a previous daemon left behind: no active job survives a restart
+        as active; leftover processes of it are stopped so a job never runs twice."""
+        for job in self.store.list_jobs([s.value for s in ACTIVE]):
+            note = ""
+            if same_process(job["pid"], job["pid_started"]):
+                await kill_orphan_group(job["pid"], job["pid_started"], self.cfg.kill_grace_s)
+                note = f"; stopped its leftover process group {job['pid']}"
+            if job["cancel_requested"]:
+                self._transition(job["id"], S.CANCELLED,
+                                 f"cancelled (fluxgymd restarted before it stopped){note}")
+                continue
+            self._transition(
+                job["id"], S.INTERRUPTED,
+                f"fluxgymd restarted while attempt {job['attempts']} was {job['state']}{note}",
+                pid=None,
+            )
+            self._transition(job["id"], S.QUEUED, "requeued after fluxgymd restart")
+
+    # --- the loop -------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.restore()
+        self._spawn(self.control.serve())
+        self._spawn(self._serve_progress())
+        self._spawn(self._flush_loop())
+        log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent)",
+                 __version__, self.cfg.control_endpoint, self.cfg.state_dir,
+                 self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
+        self.notifier.ready(self._summary())
+        self.schedule()
+        await self._stop.wait()
+        await self.shutdown()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        active = [r for r in self.runs.values() if r.child is not None]
+        log.info("stopping: asking %d job(s) to checkpoint and exit", len(active))
+        self.notifier.stopping(f"stopping; waiting for {len(active)} job(s) to checkpoint")
+        for run in active:
+            run.child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.kill_grace_s
+        while any(r.child.running for r in active):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for r in active:
+                    if r.child.running:
+                        log.warning("job %s did not exit in %.0fs; SIGKILL", r.job_id,
+                                    self.cfg.kill_grace_s)
+                        r.child.signal(signal.SIGKILL)
+                break
+            # Tell systemd we are making progress so it does not SIGKILL us meanwhile.
+            self.notifier.extend_timeout(min(left, 5.0) + 5.0)
+            await asyncio.wait([asyncio.shield(r.child.exited) for r in active if r.child.running],
+                               timeout=min(left, 5.0))
+        for r in active:
+            await r.child.exited
+        # let the exit handlers record every job before the store closes
+        while self.runs:
+            await asyncio.sleep(0.01)
+        self._flush()
+        for task in list(self._tasks):
+            task.cancel()
+        self.control.close()
+        self.pub.close(linger=0)
+        self.pull.close(linger=0)
+        self.ctx.term()
+        self.store.close()
+        for jl in self.logs.values():
+            jl.close()
+        for fd in self._locks:
+            os.close(fd)
+        log.info("stopped")
+
+    # --- state changes --------------------------------------------------------------
+    def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
+        job = self.store.transition(job_id, new, reason, **fields)
+        log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason)
+        self._publish(TOPIC_STATE, job_view(job))
+        self.notifier.status(self._summary())
+        return job
+
+    def _summary(self) -> str:
+        return summary(self.store.counts())
+
+    def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
+        try:
+            self.pub.send_multipart([topic, encode(obj)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a slow subscriber loses events; followers recover gaps by sequence number
+
+    # --- the queue ------------------------------------------------------------------
+    def schedule(self) -> None:
+        while not self.stopping and len(self.runs) < self.cfg.max_concurrent_jobs:
+            nxt = self.store.next_queued(1)
+            if not nxt:
+                return
+            self._start(nxt[0])
+
+    def _job_log(self, job: dict[str, Any]) -> JobLog:
+        jl = self.logs.pop(job["id"], None)
+        if jl is None:
+            jl = JobLog(Path(job["output_dir"]), self.cfg.log_max_bytes, self.cfg.log_backups,
+                        self.cfg.log_memory_lines)
+        self.logs[job["id"]] = jl  # most recent last
+        while len(self.logs) > RECENT_LOGS + len(self.runs) + 1:
+            old_id, old = next(iter(self.logs.items()))
+            if old_id in self.runs:
+                break
+            self.logs.pop(old_id).close()
+        return jl
+
+    def _command_for(self, job: dict[str, Any]) -> tuple[list[str], dict[str, str], str | None]:
+        spec = job["spec"]
+        out = Path(job["output_dir"])
+        if spec["kind"] == "command":
+            cmd = spec["command"]
+            return list(cmd["argv"]), dict(cmd["env"]), cmd["cwd"]
+        # lora: the trainer reads the same job file the user submitted
+        job_file = out / "job.toml"
+        doc = {"job": {"name": spec["name"], "kind": "lora"}, "train": spec["train"]}
+        if spec.get("watchdog"):
+            doc["watchdog"] = spec["watchdog"]
+        job_file.write_text(tomli_w.dumps(doc), encoding="utf-8")
+        return [sys.executable, "-m", "trainer", str(job_file), "--output-dir", str(out)], {}, None
+
+    def _start(self, job: dict[str, Any]) -> None:
+        job_id, attempt = job["id"], job["attempts"] + 1
+        job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
+                               started_at=job["started_at"] or time.time(), exit_code=None)
+        out = Path(job["output_dir"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            argv, extra_env, cwd = self._command_for(job)
+        except OSError as e:
+            self._transition(job_id, S.FAILED, f"could not prepare {out}: {e}")
+            return
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra_env)
+        env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
+                    ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
+        spec = job["spec"]
+        run = Run(job_id, attempt, self._job_log(job),
+                  parse_tqdm=spec["kind"] == "command" and spec["command"]["progress"] == "tqdm")
+        run.log.write([f"=== fluxgymd: attempt {attempt} at "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {_one_line(shlex.join(argv))} ==="])
+        try:
+            run.child = Child(argv, env, cwd, lambda lines: self._on_lines(run, lines))
+        except SpawnError as e:
+            run.log.write([f"=== fluxgymd: {e} ==="])
+            self._transition(job_id, S.FAILED, str(e))
+            return
+        self.runs[job_id] = run
+        self._transition(job_id, S.RUNNING, f"attempt {attempt}: pid {run.child.pid}",
+                         pid=run.child.pid, pid_started=run.child.create_time)
+        self._spawn(self._watch(run))
+
+    async def _watch(self, run: Run) -> None:
+        result = await run.child.exited
+        try:
+            self._on_exit(run, result)
+        finally:
+            self.runs.pop(run.job_id, None)
+            self.schedule()
+
+    def _on_exit(self, run: Run, ex: Exit) -> None:
+        self._flush_run(run)
+        note = f" (killed {ex.leftovers} leftover process(es) of its group)" if ex.leftovers else ""
+        run.log.write([f"=== fluxgymd: attempt {run.attempt} {ex.describe()}{note} ==="])
+        fields = {"exit_code": ex.code, "pid": None}
+        if run.cancel:
+            self._transition(run.job_id, S.CANCELLED, f"cancelled by user ({ex.describe()})",
+                             **fields)
+        elif ex.code == 0:
+            self._transition(run.job_id, S.SUCCEEDED, "exited with code 0", **fields)
+        elif self.stopping:
+            self._transition(run.job_id, S.INTERRUPTED, f"fluxgymd stopping; {ex.describe()}",
+                             **fields)
+            self._transition(run.job_id, S.QUEUED, "resumes when fluxgymd starts again")
+        elif ex.code == EXIT_INTERRUPTED:
+            self._transition(run.job_id, S.INTERRUPTED,
+                             "exited 75: interrupted with a checkpoint; `fluxgymctl retry` resumes",
+                             **fields)
+        else:
+            last = f": {run.last_line[:200]}" if run.last_line else ""
+            self._transition(run.job_id, S.FAILED, f"{ex.describe()}{last}", **fields)
+
+    # --- output and progress ----------------------------------------------------------
+    def _on_lines(self, run: Run, lines: list[str]) -> None:
+        first = run.log.write(lines)
+        self._publish(log_topic(run.job_id),
+                      {"job": run.job_id, "epoch": self.epoch, "first": first, "lines": lines})
+        for line in reversed(lines):
+            if line.strip():
+                run.last_line = line.strip()
+                break
+        if run.parse_tqdm:
+            for line in reversed(lines):  # only the newest bar in a batch matters
+                if "/" in line:
+                    ev = parse_tqdm(line)
+                    if ev:
+                        self._on_progress(run, ev)
+                        break
+
+    async def _serve_progress(self) -> None:
+        while True:
+            payload = await self.pull.recv()
+            ev = parse_child_event(payload)
+            if ev is None:
+                log.debug("ignored a malformed progress event: %.200r", payload)
+                continue
+            run = self.runs.get(ev["job"])
+            if run is not None and ev.get("attempt", run.attempt) == run.attempt:
+                self._on_progress(run, ev)
+
+    def _on_progress(self, run: Run, ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        if kind == "step":
+            upd = {"step": ev["step"]}
+            for src, dst in (("total", "total_steps"), ("loss", "loss"), ("lr", "lr"),
+                             ("seconds_per_step", "seconds_per_step")):
+                if src in ev:
+                    upd[dst] = ev[src]
+            run.pending.update(upd)
+            if "loss" in ev or "lr" in ev:
+                run.metrics.append((run.job_id, time.time(), run.attempt, ev["step"],
+                                    ev.get("loss"), ev.get("lr")))
+        elif kind == "phase":
+            self.store.update(run.job_id, phase=ev["phase"])
+        elif kind == "checkpoint":
+            self.store.update(run.job_id, checkpoint=ev["path"],
+                              checkpoint_step=ev.get("step"))
+        self._publish(TOPIC_PROGRESS, dict(ev, job=run.job_id))
+
+    def _flush_run(self, run: Run) -> None:
+        if run.pending:
+            self.store.update(run.job_id, **run.pending)
+            run.pending = {}
+        if run.metrics:
+            self.store.add_metrics(run.metrics)
+            run.metrics = []
+
+    def _flush(self) -> None:
+        for run in list(self.runs.values()):
+            self._flush_run(run)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self._flush()
+
+    # --- control handlers -----------------------------------------------------------
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "ping": self.op_ping, "version": self.op_ping, "submit": self.op_submit,
+            "list": self.op_list, "show": self.op_show, "cancel": self.op_cancel,
+            "retry": self.op_retry, "logs": self.op_logs, "metrics": self.op_metrics,
+        }
+
+    def _find(self, ref: str) -> dict[str, Any]:
+        self._flush()  # answers show the latest step, not the last flush
+        return self.store.find(ref)
+
+    def op_ping(self, args) -> dict[str, Any]:
+        return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(), "uptime_s": time.monotonic() - self.started_mono,
+                "runtime_dir": str(self.cfg.runtime_dir), "state_dir": str(self.cfg.state_dir),
+                "outputs_dir": str(self.cfg.outputs_dir),
+                "max_concurrent_jobs": self.cfg.max_concurrent_jobs,
+                "summary": self._summary(), "stopping": self.stopping}
+
+    def op_submit(self, args) -> dict[str, Any]:
+        if self.stopping:
+            raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
+                               "once it has restarted")
+        spec = jobspec.parse(args["text"], args["source"], args["name"])
+        out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
+        job = self.store.add_job(spec, out)
+        log.info("job %s (%s): queued from %s", job["id"], job["name"], args["source"] or "-")
+        self._publish(TOPIC_STATE, job_view(job))
+        self.schedule()
+        return job_view(self.store.get(job["id"]))
+
+    def op_list(self, args) -> dict[str, Any]:
+        self._flush()
+        now = time.time()
+        jobs = self.store.list_jobs(args["states"])
+        return {"jobs": [job_view(j, now) for j in jobs], "counts": self.store.counts()}
+
+    def op_show(self, args) -> dict[str, Any]:
+        job = self._find(args["job"])
+        view = job_view(job)
+        view["spec"] = job["spec"]
+        view["events"] = self.store.events(job["id"], max(0, args["events"]))
+        view["log_file"] = str(Path(job["output_dir"]) / "train.log")
+        return view
+
+    def op_cancel(self, args) -> dict[str, Any]:
+        job = self._find(args["job"])
+        state = S(job["state"])
+        run = self.runs.get(job["id"])
+        if run is not None:
+            if not run.cancel:
+                run.cancel = True
+                self.store.update(job["id"], cancel_requested=1)
+                run.log.write(["=== fluxgymd: cancel requested; SIGTERM to the job's process "
+                               f"group, SIGKILL after {self.cfg.kill_grace_s:g}s ==="])
+                self._spawn(run.child.terminate(self.cfg.kill_grace_s))
+            return job_view(self.store.get(job["id"]))
+        if state in FINISHED:
+            raise FluxgymError(ErrorCode.INVALID_STATE,
+                               f"job {job['id']} ({job['name']}) is already {state.value}")
+        return job_view(self._transition(job["id"], S.CANCELLED, "cancelled by user"))
+
+    def op_retry(self, args) -> dict[str, Any]:
+        job = self._find(args["job"])
+        state = S(job["state"])
+        if state is S.SUCCEEDED:
+            raise FluxgymError(
+                ErrorCode.INVALID_STATE,
+                f"job {job['id']} ({job['name']}) succeeded; a finished job is never run again. "
+                "Submit the file again under a new name (submit --name NEW)",
+            )
+        if state not in (S.FAILED, S.CANCELLED, S.INTERRUPTED):
+            raise FluxgymError(ErrorCode.INVALID_STATE,
+                               f"job {job['id']} ({job['name']}) is {state.value}; only failed, "
+                               "cancelled or interrupted jobs can be retried")
+        job = self._transition(job["id"], S.QUEUED, "retry requested by user",
+                               cancel_requested=0)
+        self.schedule()
+        return job_view(self.store.get(job["id"]))
+
+    def op_logs(self, args) -> dict[str, Any]:
+        job = self._find(args["job"])
+        jl = self.logs.get(job["id"])
+        live = jl.seq if jl is not None else None
+        base = {"job": job["id"], "name": job["name"], "state": job["state"], "seq": live,
+                "epoch": self.epoch}
+        if args["after"] is not None:
+            if jl is None:
+                return dict(base, lines=[], first=None, gap=False)
+            items, gap = jl.since(args["after"], max(1, args["lines"]))
+            return dict(base, lines=[l for _, l in items],
+                        first=items[0][0] if items else None, gap=gap)
+        lines = read_tail(Path(job["output_dir"]), args["lines"], self.cfg.log_backups)
+        return dict(base, lines=lines, first=None, gap=False)
+
+    def op_metrics(self, args) -> dict[str, Any]:
+        job = self._find(args["job"])
+        return {"job": job["id"], "metrics": self.store.metrics(job["id"], args["limit"])}
+
+
+def run_daemon(cfg: Config) -> int:
+    daemon = Daemon(cfg)
+    try:
+        daemon.open()
+    except AlreadyRunning as e:
+        log.error("%s", e)
+        return 1
+
+    async def main():
+        await daemon.run()
+
+    asyncio.run(main())
+    return 0

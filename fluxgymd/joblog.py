@@ -1,0 +1,147 @@
+"""A job's output: split into lines, written to outputs/<job>/train.log with size-capped
+rotation, and kept in a numbered in-memory ring for `logs` and `logs -f`.
+
+Lines are split on \\n, \\r\\n and a bare \\r, so each redraw of a tqdm bar is its own line
+instead of being glued to the next one or lost.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+from pathlib import Path
+
+LOG_NAME = "train.log"
+MAX_LINE_BYTES = 64 * 1024
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class LineSplitter:
+    """Feed it byte chunks as they come off a pipe; get back complete lines."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._buf + chunk
+        lines: list[str] = []
+        start = 0
+        for m in _EOL.finditer(data):
+            if m.group() == b"\r" and m.end() == len(data):
+                break  # a \r at the end may be the first half of \r\n: wait for more
+            segment = data[start:m.start()]
+            # An empty segment ended by \r (tqdm's "\n\r" before its first draw) is noise.
+            if segment or m.group() != b"\r":
+                lines.append(segment.decode("utf-8", "replace"))
+            start = m.end()
+        self._buf = data[start:]
+        while len(self._buf) > MAX_LINE_BYTES:  # a runaway line without an end
+            lines.append(self._buf[:MAX_LINE_BYTES].decode("utf-8", "replace"))
+            self._buf = self._buf[MAX_LINE_BYTES:]
+        return lines
+
+    def close(self) -> list[str]:
+        rest, self._buf = self._buf, b""
+        rest = rest.rstrip(b"\r")
+        return [rest.decode("utf-8", "replace")] if rest else []
+
+
+def log_files(job_dir: Path, backups: int) -> list[Path]:
+    """train.log first, then train.log.1 (older) ... that exist."""
+    files = [job_dir / LOG_NAME] + [job_dir / f"{LOG_NAME}.{i}" for i in range(1, backups + 1)]
+    return [p for p in files if p.exists()]
+
+
+class JobLog:
+    """The writer for one job's log plus the numbered ring of its recent lines."""
+
+    def __init__(self, job_dir: Path, max_bytes: int, backups: int, memory_lines: int):
+        self.dir = job_dir
+        self.path = job_dir / LOG_NAME
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.ring: collections.deque[tuple[int, str]] = collections.deque(maxlen=memory_lines)
+        self.seq = 0  # number of the last line written
+        self._fh = None
+        self._size = 0
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")
+        self._size = self._fh.tell()
+
+    def write(self, lines: list[str]) -> int:
+        """Append lines; returns the sequence number of the first one."""
+        first = self.seq + 1
+        if not lines:
+            return first
+        if self._fh is None:
+            self._open()
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        if self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._fh.write(data)
+        self._fh.flush()
+        self._size += len(data)
+        for line in lines:
+            self.seq += 1
+            self.ring.append((self.seq, line))
+        return first
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                older = self.dir / f"{LOG_NAME}.{i}"
+                if older.exists():
+                    os.replace(older, self.dir / f"{LOG_NAME}.{i + 1}")
+            os.replace(self.path, self.dir / f"{LOG_NAME}.1")
+        self._open()
+
+    def since(self, after: int, limit: int) -> tuple[list[tuple[int, str]], bool]:
+        """Lines numbered above `after` (at most `limit`, the oldest first) and whether
+        some were already gone from the ring."""
+        if not self.ring:
+            return [], False
+        oldest = self.ring[0][0]
+        out = [item for item in self.ring if item[0] > after][:limit]
+        return out, after + 1 < oldest
+
+    def tail(self, n: int) -> list[tuple[int, str]]:
+        return list(self.ring)[-n:] if n > 0 else []
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_tail(job_dir: Path, n: int, backups: int) -> list[str]:
+    """The last n lines on disk, reading backwards through rotated files as needed."""
+    if n <= 0:
+        return []
+    lines: list[str] = []
+    for path in log_files(job_dir, backups):
+        lines = _tail_file(path, n - len(lines)) + lines
+        if len(lines) >= n:
+            break
+    return lines[-n:]
+
+
+def _tail_file(path: Path, n: int, block: int = 65536) -> list[str]:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        pos = fh.tell()
+        data = b""
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + data
+    text = data.decode("utf-8", "replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines[-n:]

@@ -1,0 +1,42 @@
+"""sd_notify: tell systemd we are ready, what we are doing, and that we are stopping.
+
+A no-op without NOTIFY_SOCKET (the foreground and containers), so callers never check.
+"""
+from __future__ import annotations
+
+import os
+
+import sdnotify
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._n = sdnotify.SystemdNotifier() if self.enabled else None
+        self._last_status = ""
+
+    def send(self, **fields: str | int) -> None:
+        if self._n is not None:
+            self._n.notify("\n".join(f"{k.upper()}={v}" for k, v in fields.items()))
+
+    def ready(self, status: str) -> None:
+        self._last_status = status
+        self.send(ready=1, status=status)
+
+    def status(self, status: str) -> None:
+        if status != self._last_status:  # one datagram per change, not per tick
+            self._last_status = status
+            self.send(status=status)
+
+    def stopping(self, status: str = "stopping") -> None:
+        self.send(stopping=1, status=status)
+
+    def extend_timeout(self, seconds: float) -> None:
+        self.send(extend_timeout_usec=int(seconds * 1_000_000))
+
+
+def summary(counts: dict[str, int]) -> str:
+    """'1 running, 3 queued' from state counts; 'idle' when nothing is active."""
+    order = ["running", "starting", "stalled", "recovering", "queued", "interrupted"]
+    parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+    return ", ".join(parts) if parts else "idle"

@@ -1,0 +1,261 @@
+"""The SQLite store: the only writer of job state.
+
+Every state change goes through `transition`, which checks it against `states` and writes
+the new state and its history row in one transaction, so the database never holds a state
+without the event that explains it. Schema changes are numbered migrations (PRAGMA
+user_version), applied in order when the store opens.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .protocol import ErrorCode, FluxgymError
+from .states import JobState, check_transition
+
+MIGRATIONS: list[str] = [
+    # 1: jobs, their transition history and their loss curves
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        output_dir TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        queued_at REAL,
+        started_at REAL,
+        finished_at REAL,
+        updated_at REAL NOT NULL,
+        pid INTEGER,
+        pid_started REAL,
+        phase TEXT,
+        step INTEGER,
+        total_steps INTEGER,
+        loss REAL,
+        lr REAL,
+        seconds_per_step REAL,
+        checkpoint TEXT,
+        checkpoint_step INTEGER,
+        exit_code INTEGER,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_state ON jobs(state, queued_at, id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        at REAL NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_job ON events(job_id, id);
+    CREATE TABLE metrics (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        at REAL NOT NULL,
+        attempt INTEGER NOT NULL,
+        step INTEGER NOT NULL,
+        loss REAL,
+        lr REAL
+    );
+    CREATE INDEX metrics_job ON metrics(job_id, step);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Columns a caller may set outside a transition (progress, pid bookkeeping).
+UPDATABLE = frozenset(
+    {
+        "pid", "pid_started", "phase", "step", "total_steps", "loss", "lr",
+        "seconds_per_step", "checkpoint", "checkpoint_step", "exit_code",
+        "cancel_requested", "attempts", "restarts", "started_at",
+    }
+)
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: Path, clock=time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a reclaimed spot instance must not forget a job it had acknowledged.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this fluxgymd "
+                f"understands ({SCHEMA_VERSION}); upgrade fluxgymd"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._tx():
+                for stmt in MIGRATIONS[number].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={number + 1}")
+
+    def _tx(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store.db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, exc, tb):
+                store.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+    # --- jobs -----------------------------------------------------------------------
+    def add_job(self, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        now = self.clock()
+        with self._tx():
+            taken = self.db.execute(
+                "SELECT id, state FROM jobs WHERE name = ?", (spec["name"],)
+            ).fetchone()
+            if taken:
+                raise FluxgymError(
+                    ErrorCode.CONFLICT,
+                    f"the name {spec['name']!r} is taken by job {taken['id']} "
+                    f"({taken['state']}); choose another name (submit --name NEW)"
+                    + (", or retry that job" if taken["state"] in ("failed", "cancelled") else ""),
+                )
+            cur = self.db.execute(
+                "INSERT INTO jobs (name, kind, spec, output_dir, state, reason, created_at,"
+                " queued_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (spec["name"], spec["kind"], json.dumps(spec), str(output_dir),
+                 JobState.QUEUED.value, "submitted", now, now, now),
+            )
+            job_id = cur.lastrowid
+            self._event(job_id, None, JobState.QUEUED, "submitted", now)
+        return self.get(job_id)
+
+    def _event(self, job_id: int, old, new, reason: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO events (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+            (job_id, now, old.value if old else None, JobState(new).value, reason),
+        )
+
+    def transition(
+        self, job_id: int, new: JobState | str, reason: str, **fields: Any
+    ) -> dict[str, Any]:
+        """Move a job to `new`, with its reason and any field changes, atomically."""
+        now = self.clock()
+        with self._tx():
+            row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise FluxgymError(ErrorCode.NOT_FOUND, f"no job with id {job_id}")
+            old, new = check_transition(row["state"], new)
+            if new is JobState.QUEUED:
+                fields.setdefault("queued_at", now)
+            if new in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+                fields.setdefault("finished_at", now)
+            elif new is JobState.QUEUED:
+                fields.setdefault("finished_at", None)
+            fields.update(state=new.value, reason=reason, updated_at=now)
+            self._set(job_id, fields)
+            self._event(job_id, old, new, reason, now)
+        return self.get(job_id)
+
+    def update(self, job_id: int, **fields: Any) -> None:
+        bad = set(fields) - UPDATABLE
+        if bad:
+            raise StoreError(f"not updatable outside a transition: {', '.join(sorted(bad))}")
+        fields["updated_at"] = self.clock()
+        self._set(job_id, fields)
+
+    def _set(self, job_id: int, fields: dict[str, Any]) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise FluxgymError(ErrorCode.NOT_FOUND, f"no job with id {job_id}")
+        return _job(row)
+
+    def find(self, ref: str) -> dict[str, Any]:
+        """A job by id (all digits) or by name."""
+        ref = str(ref).strip()
+        if ref.isdigit():
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (int(ref),)).fetchone()
+            if row is not None:
+                return _job(row)
+        row = self.db.execute("SELECT * FROM jobs WHERE name = ?", (ref,)).fetchone()
+        if row is None:
+            raise FluxgymError(
+                ErrorCode.NOT_FOUND,
+                f"no job named or numbered {ref!r}; `fluxgymctl status` lists them",
+            )
+        return _job(row)
+
+    def list_jobs(self, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        if states:
+            states = [JobState(s).value for s in states]
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states
+            )
+        else:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY id")
+        return [_job(r) for r in rows]
+
+    def next_queued(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT ?", (limit,)
+        )
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    # --- history ----------------------------------------------------------------------
+    def events(self, job_id: int, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT at, from_state, to_state, reason FROM events WHERE job_id = ?"
+            " ORDER BY id DESC LIMIT ?", (job_id, limit),
+        ).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def add_metrics(self, rows: list[tuple[int, float, int, int, float | None, float | None]]):
+        """rows: (job_id, at, attempt, step, loss, lr); one transaction for a batch."""
+        if rows:
+            with self._tx():
+                self.db.executemany(
+                    "INSERT INTO metrics (job_id, at, attempt, step, loss, lr)"
+                    " VALUES (?,?,?,?,?,?)", rows,
+                )
+
+    def metrics(self, job_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT at, attempt, step, loss, lr FROM metrics WHERE job_id = ?"
+            " ORDER BY rowid DESC LIMIT ?", (job_id, limit),
+        ).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    job = dict(row)
+    job["spec"] = json.loads(job["spec"])
+    job["cancel_requested"] = bool(job["cancel_requested"])
+    return job

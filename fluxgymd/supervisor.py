@@ -1,0 +1,212 @@
+"""Children: spawn each job in its own process group, read its output, signal its whole
+tree, reap it.
+
+Exit is noticed through a pidfd and read with WNOWAIT first: while the leader is an
+unreaped zombie its pid (and so its process group id) cannot be reused, which makes it safe
+to SIGKILL whatever the job left behind in its group before the pid is released.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+
+from .joblog import LineSplitter
+
+log = logging.getLogger("fluxgymd.supervisor")
+READ_CHUNK = 256 * 1024
+# After the leader exits, how long to wait for its pipes to close before giving up on them
+# (a grandchild that left the group can hold them open forever).
+PIPE_DRAIN_S = 5.0
+
+
+class SpawnError(Exception):
+    pass
+
+
+@dataclass
+class Exit:
+    code: int | None  # exit status, or None when killed by a signal
+    signal: int | None
+    leftovers: int = 0  # processes of the group killed after the leader exited
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with code {self.code}"
+
+
+class Child:
+    """One running process group. `on_lines` gets each batch of complete output lines."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        on_lines: Callable[[list[str]], None],
+    ):
+        self.argv = argv
+        self.on_lines = on_lines
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as e:
+            raise SpawnError(f"could not start {argv[0]!r}: {e.strerror or e}") from None
+        self.pid = self.proc.pid
+        self.started = time.monotonic()
+        try:
+            self.create_time = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            self.create_time = None
+        self.exited: asyncio.Future[Exit] = self._loop.create_future()
+        self._open_pipes = 0
+        self._pipes_closed = asyncio.Event()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            splitter = LineSplitter()
+            self._open_pipes += 1
+            self._loop.add_reader(fd, self._read, pipe, splitter)
+        self._pidfd = os.pidfd_open(self.pid)
+        self._loop.add_reader(self._pidfd, self._on_pidfd)
+
+    # --- output ----------------------------------------------------------------------
+    def _read(self, pipe, splitter: LineSplitter) -> None:
+        fd = pipe.fileno()
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            lines = splitter.feed(data)
+        else:
+            lines = splitter.close()
+            self._close_pipe(pipe)
+        if lines:
+            try:
+                self.on_lines(lines)
+            except Exception:  # a sink's bug must not stop us reading the pipe
+                log.exception("output handler failed for pid %s", self.pid)
+
+    def _close_pipe(self, pipe) -> None:
+        if pipe.closed:
+            return
+        self._loop.remove_reader(pipe.fileno())
+        pipe.close()
+        self._open_pipes -= 1
+        if self._open_pipes == 0:
+            self._pipes_closed.set()
+
+    # --- exit ------------------------------------------------------------------------
+    def _on_pidfd(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        # Still a zombie here (WNOWAIT): its pgid is ours alone, so leftovers can be killed.
+        leftovers = self._kill_leftovers()
+        _, status = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = code  # so Popen never waits on a reaped pid
+        result = Exit(code=code if code >= 0 else None,
+                      signal=-code if code < 0 else None, leftovers=leftovers)
+        self._loop.create_task(self._finish(result))
+
+    def _kill_leftovers(self) -> int:
+        members = 0
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.pid != self.pid and os.getpgid(p.pid) == self.pid:
+                    members += 1
+            except (OSError, psutil.Error):
+                continue
+        if members:
+            self._killpg(signal.SIGKILL)
+        return members
+
+    async def _finish(self, result: Exit) -> None:
+        try:
+            await asyncio.wait_for(self._pipes_closed.wait(), PIPE_DRAIN_S)
+        except asyncio.TimeoutError:
+            log.warning("pid %s: output pipes still open %.0fs after exit; closing them",
+                        self.pid, PIPE_DRAIN_S)
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                self._close_pipe(pipe)
+        if not self.exited.done():
+            self.exited.set_result(result)
+
+    # --- signals ---------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return not self.exited.done() and self.proc.returncode is None
+
+    def _killpg(self, sig: int) -> bool:
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                log.error("no permission to signal process group %s", self.pid)
+                return False
+            raise
+
+    def signal(self, sig: int) -> bool:
+        """Signal the job's whole process group (never anything else)."""
+        if self.proc.returncode is not None:
+            return False
+        return self._killpg(sig)
+
+    async def terminate(self, grace_s: float) -> Exit:
+        """SIGTERM the group, wait up to grace_s, then SIGKILL it."""
+        if self.running:
+            self.signal(signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("pid %s ignored SIGTERM for %.1fs; sending SIGKILL", self.pid, grace_s)
+                self.signal(signal.SIGKILL)
+        return await self.exited
+
+
+def same_process(pid: int | None, create_time: float | None) -> bool:
+    """Whether pid is still the process we started (not a later one reusing the number)."""
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        return create_time is None or abs(p.create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False
+
+
+async def kill_orphan_group(pid: int, create_time: float | None, grace_s: float) -> bool:
+    """Stop the group of a child that a previous daemon left running."""
+    if not same_process(pid, create_time):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and same_process(pid, create_time):
+        await asyncio.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    return True

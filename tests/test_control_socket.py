@@ -1,0 +1,94 @@
+"""The control socket against a real daemon: bad input never crashes it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from fluxgymd.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, request
+
+
+def raw(daemon, frames):
+    with daemon.client(timeout=5) as c:
+        reply = c.send_raw(frames)
+    return json.loads(reply[-1])
+
+
+@pytest.mark.parametrize("frames,code", [
+    ([os.urandom(512)], "bad_json"),
+    ([b"\x00\x01\x02"], "bad_json"),
+    ([b"{\"v\": 1, \"op\": "], "bad_json"),
+    ([b"null"], "bad_json"),
+    ([request("explode")], "unknown_op"),
+    ([json.dumps({"v": 7, "id": "x", "op": "ping"}).encode()], "unsupported_version"),
+    ([request("show", {"job": 1})], "bad_args"),
+    ([request("show", {"job": "999"})], "not_found"),
+    ([b"a", b"b", b"c"], "bad_frame"),
+    ([b" " * (MAX_MESSAGE_BYTES + 10)], "too_large"),
+])
+def test_bad_input_gets_an_error_reply_and_the_daemon_still_answers(daemon, frames, code):
+    reply = raw(daemon, frames)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert reply["error"]["message"]  # says what is wrong
+    assert reply["v"] == PROTOCOL_VERSION
+    assert daemon.call("ping")["pong"] is True
+    assert daemon.proc.poll() is None
+
+
+def test_a_burst_of_garbage_from_many_peers(daemon):
+    ctx = zmq.Context.instance()
+    socks = []
+    for i in range(20):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"ipc://{daemon.runtime_dir}/control.sock")
+        s.send_multipart([os.urandom(i * 37 + 1)])
+        socks.append(s)
+    for s in socks:
+        assert s.poll(5000), "no reply"
+        assert json.loads(s.recv_multipart()[-1])["ok"] is False
+        s.close()
+    assert daemon.call("ping")["pong"] is True
+
+
+def test_req_style_envelope_is_answered_in_kind(daemon):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.connect(f"ipc://{daemon.runtime_dir}/control.sock")
+    s.send(request("ping", rid="req-1"))
+    reply = json.loads(s.recv())
+    s.close()
+    assert reply["ok"] and reply["id"] == "req-1"
+
+
+def test_a_second_daemon_on_the_same_runtime_dir_refuses(daemon):
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxgymd", "--runtime-dir", str(daemon.runtime_dir),
+         "--state-dir", str(daemon.root / "other-state"), "--outputs-dir",
+         str(daemon.root / "other-out")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1
+    assert "another fluxgymd is already running" in r.stderr
+    # the first one still owns its socket
+    assert daemon.call("ping")["pid"] == daemon.proc.pid
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses(daemon):
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxgymd", "--runtime-dir", str(daemon.root / "run2"),
+         "--state-dir", str(daemon.state_dir), "--outputs-dir", str(daemon.outputs_dir)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1 and "already running" in r.stderr
+
+
+def test_sigterm_stops_an_idle_daemon_cleanly(daemon):
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert "stopped" in daemon.logs()
