@@ -222,9 +222,13 @@ class Daemon:
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
         job = self.store.transition(job_id, new, reason, **fields)
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason)
+        self._announce(job)
+        return job
+
+    def _announce(self, job: dict[str, Any]) -> None:
+        """A job changed state: tell subscribers and systemd."""
         self._publish(TOPIC_STATE, job_view(job))
         self.notifier.status(self._summary())
-        return job
 
     def _summary(self) -> str:
         return summary(self.store.counts())
@@ -292,7 +296,7 @@ class Daemon:
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {_one_line(shlex.join(argv))} ==="])
         try:
-            run.child = Child(argv, env, cwd, lambda lines: self._on_lines(run, lines))
+            run.child = Child(argv, env, cwd, lambda lines, pending: self._on_output(run, lines, pending))
         except SpawnError as e:
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
@@ -333,16 +337,18 @@ class Daemon:
             self._transition(run.job_id, S.FAILED, f"{ex.describe()}{last}", **fields)
 
     # --- output and progress ----------------------------------------------------------
-    def _on_lines(self, run: Run, lines: list[str]) -> None:
-        first = run.log.write(lines)
-        self._publish(log_topic(run.job_id),
-                      {"job": run.job_id, "epoch": self.epoch, "first": first, "lines": lines})
-        for line in reversed(lines):
-            if line.strip():
-                run.last_line = line.strip()
-                break
+    def _on_output(self, run: Run, lines: list[str], pending: str) -> None:
+        if lines:
+            first = run.log.write(lines)
+            self._publish(log_topic(run.job_id),
+                          {"job": run.job_id, "epoch": self.epoch, "first": first, "lines": lines})
+            for line in reversed(lines):
+                if line.strip():
+                    run.last_line = line.strip()
+                    break
         if run.parse_tqdm:
-            for line in reversed(lines):  # only the newest bar in a batch matters
+            # Only the newest bar matters, and the newest is often still being drawn.
+            for line in [pending, *reversed(lines)]:
                 if "/" in line:
                     ev = parse_tqdm(line)
                     if ev:
@@ -424,7 +430,7 @@ class Daemon:
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
         job = self.store.add_job(spec, out)
         log.info("job %s (%s): queued from %s", job["id"], job["name"], args["source"] or "-")
-        self._publish(TOPIC_STATE, job_view(job))
+        self._announce(job)
         self.schedule()
         return job_view(self.store.get(job["id"]))
 

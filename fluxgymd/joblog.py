@@ -40,6 +40,11 @@ class LineSplitter:
             self._buf = self._buf[MAX_LINE_BYTES:]
         return lines
 
+    @property
+    def pending(self) -> str:
+        """The unfinished last line: a progress bar being redrawn waits here for its \\r."""
+        return self._buf.rstrip(b"\r").decode("utf-8", "replace")
+
     def close(self) -> list[str]:
         rest, self._buf = self._buf, b""
         rest = rest.rstrip(b"\r")

@@ -45,17 +45,18 @@ class Exit:
 
 
 class Child:
-    """One running process group. `on_lines` gets each batch of complete output lines."""
+    """One running process group. `on_output(lines, pending)` gets each batch of complete
+    output lines and the unfinished line after them (a bar mid-redraw)."""
 
     def __init__(
         self,
         argv: list[str],
         env: dict[str, str],
         cwd: str | None,
-        on_lines: Callable[[list[str]], None],
+        on_output: Callable[[list[str], str], None],
     ):
         self.argv = argv
-        self.on_lines = on_lines
+        self.on_output = on_output
         self._loop = asyncio.get_running_loop()
         try:
             self.proc = subprocess.Popen(
@@ -97,9 +98,10 @@ class Child:
         else:
             lines = splitter.close()
             self._close_pipe(pipe)
-        if lines:
+        pending = splitter.pending if data else ""
+        if lines or pending:
             try:
-                self.on_lines(lines)
+                self.on_output(lines, pending)
             except Exception:  # a sink's bug must not stop us reading the pipe
                 log.exception("output handler failed for pid %s", self.pid)
 

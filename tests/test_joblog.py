@@ -66,3 +66,9 @@ def test_since_reports_lines_that_fell_out_of_memory(tmp_path):
     assert gap and items[0] == (151, "151") and items[-1] == (250, "250")
     items, gap = log.since(200, 1000)
     assert not gap and [s for s, _ in items] == list(range(201, 251))
+
+
+def test_pending_is_the_bar_still_being_drawn():
+    s = LineSplitter()
+    assert s.feed(b"\r 1/10 [a]\r 2/10 [b]") == [" 1/10 [a]"]
+    assert s.pending == " 2/10 [b]"
