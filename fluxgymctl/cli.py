@@ -236,8 +236,8 @@ def _follow(ctx: Ctx, ref: str, n: int) -> None:
                     epoch, last = r.get("epoch"), 0
                     continue
                 if r["gap"]:
-                    _print_lines([f"... (some lines were dropped from memory; see "
-                                  f"train.log) ..."], ctx.json)
+                    _print_lines(["... (some lines were dropped from memory; see "
+                                  "train.log) ..."], ctx.json)
                 if r["lines"]:
                     _print_lines(r["lines"], ctx.json, r["first"])
                     last = r["first"] + len(r["lines"]) - 1

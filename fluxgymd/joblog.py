@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 from pathlib import Path
 
 LOG_NAME = "train.log"
 MAX_LINE_BYTES = 64 * 1024
-_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 class LineSplitter:
@@ -24,17 +22,33 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> list[str]:
         data = self._buf + chunk
-        lines: list[str] = []
-        start = 0
-        for m in _EOL.finditer(data):
-            if m.group() == b"\r" and m.end() == len(data):
-                break  # a \r at the end may be the first half of \r\n: wait for more
-            segment = data[start:m.start()]
-            # An empty segment ended by \r (tqdm's "\n\r" before its first draw) is noise.
-            if segment or m.group() != b"\r":
-                lines.append(segment.decode("utf-8", "replace"))
-            start = m.end()
-        self._buf = data[start:]
+        end = len(data) - 1 if data.endswith(b"\r") else len(data)  # maybe half of \r\n
+        cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end))
+        if cut < 0:
+            self._buf = data
+            return self._cut_runaway()
+        head, self._buf = data[:cut], data[cut + 1:]
+        bare_cr_last = data[cut] == 0x0D
+        if not bare_cr_last and head.endswith(b"\r"):
+            head = head[:-1]  # \r\n is one line end
+        # Decoding the whole batch at once (line ends are ASCII, never inside a character)
+        # keeps a chatty child from costing a Python call per line.
+        text = head.decode("utf-8", "replace")
+        if "\r" not in text:
+            lines = text.split("\n")
+        else:
+            lines = []
+            for segment in text.replace("\r\n", "\n").split("\n"):
+                pieces = segment.split("\r")
+                # a piece ended by a bare \r with nothing in it (tqdm's "\n\r") is noise
+                lines.extend(p for p in pieces[:-1] if p)
+                lines.append(pieces[-1])
+        if bare_cr_last and not lines[-1]:
+            lines.pop()
+        return lines + self._cut_runaway()
+
+    def _cut_runaway(self) -> list[str]:
+        lines = []
         while len(self._buf) > MAX_LINE_BYTES:  # a runaway line without an end
             lines.append(self._buf[:MAX_LINE_BYTES].decode("utf-8", "replace"))
             self._buf = self._buf[MAX_LINE_BYTES:]
@@ -88,9 +102,8 @@ class JobLog:
         self._fh.write(data)
         self._fh.flush()
         self._size += len(data)
-        for line in lines:
-            self.seq += 1
-            self.ring.append((self.seq, line))
+        self.ring.extend(zip(range(first, first + len(lines)), lines))
+        self.seq += len(lines)
         return first
 
     def _rotate(self) -> None:

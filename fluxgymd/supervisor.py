@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -22,7 +23,10 @@ import psutil
 from .joblog import LineSplitter
 
 log = logging.getLogger("fluxgymd.supervisor")
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
+BATCH_WINDOW_S = 0.005  # worst added delay for a log line; bounds wake-ups to 200/s a pipe
+PIPE_SIZE = 1024 * 1024  # the unprivileged maximum (/proc/sys/fs/pipe-max-size)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # After the leader exits, how long to wait for its pipes to close before giving up on them
 # (a grandchild that left the group can hold them open forever).
 PIPE_DRAIN_S = 5.0
@@ -78,6 +82,10 @@ class Child:
         for pipe in (self.proc.stdout, self.proc.stderr):
             fd = pipe.fileno()
             os.set_blocking(fd, False)
+            try:  # a roomier pipe: a chatty child blocks less and we wake up less often
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
             splitter = LineSplitter()
             self._open_pipes += 1
             self._loop.add_reader(fd, self._read, pipe, splitter)
@@ -95,6 +103,11 @@ class Child:
             data = b""
         if data:
             lines = splitter.feed(data)
+            if len(data) < READ_CHUNK and not pipe.closed:
+                # Let output gather for a moment: a child printing line by line would
+                # otherwise wake us per line, and pay for it in its own speed.
+                self._loop.remove_reader(fd)
+                self._loop.call_later(BATCH_WINDOW_S, self._rearm, pipe, splitter)
         else:
             lines = splitter.close()
             self._close_pipe(pipe)
@@ -104,6 +117,10 @@ class Child:
                 self.on_output(lines, pending)
             except Exception:  # a sink's bug must not stop us reading the pipe
                 log.exception("output handler failed for pid %s", self.pid)
+
+    def _rearm(self, pipe, splitter: LineSplitter) -> None:
+        if not pipe.closed:
+            self._loop.add_reader(pipe.fileno(), self._read, pipe, splitter)
 
     def _close_pipe(self, pipe) -> None:
         if pipe.closed:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import PY, wait_until, write_job
+from fluxgymd.testing import PY, wait_until, write_job
 from fluxgymctl.exitcodes import Exit
 
 

@@ -1,3 +1,6 @@
+import random
+import re
+
 from fluxgymd.joblog import MAX_LINE_BYTES, JobLog, LineSplitter, read_tail
 
 
@@ -72,3 +75,29 @@ def test_pending_is_the_bar_still_being_drawn():
     s = LineSplitter()
     assert s.feed(b"\r 1/10 [a]\r 2/10 [b]") == [" 1/10 [a]"]
     assert s.pending == " 2/10 [b]"
+
+
+def reference_split(data: bytes) -> list[str]:
+    """The rule, written the slow obvious way: \\r\\n, \\r and \\n end lines; an empty
+    line ended by a bare \\r is dropped; what is left at the end is a line."""
+    out, start = [], 0
+    for m in re.finditer(rb"\r\n|\r|\n", data):
+        seg = data[start:m.start()]
+        if seg or m.group() != b"\r":
+            out.append(seg.decode())
+        start = m.end()
+    rest = data[start:].rstrip(b"\r")
+    return out + ([rest.decode()] if rest else [])
+
+
+def test_any_chunking_of_any_input_matches_the_reference():
+    rng = random.Random(1234)
+    for _ in range(5000):
+        data = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randint(0, 30)))
+        s, got, i = LineSplitter(), [], 0
+        while i < len(data):
+            k = rng.randint(1, 6)
+            got += s.feed(data[i:i + k])
+            i += k
+        got += s.close()
+        assert got == reference_split(data), data

@@ -1,13 +1,11 @@
 """Jobs end to end: a real daemon, real children, the real CLI."""
 import json
 import os
-import signal
 import subprocess
-import sys
 import textwrap
 import time
 
-from conftest import PY, pid_alive, wait_until, write_job
+from fluxgymd.testing import PY, pid_alive, wait_until, write_job
 
 BAR = textwrap.dedent("""
     import sys, time

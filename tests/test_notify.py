@@ -2,7 +2,7 @@
 import signal
 import socket
 
-from conftest import write_job
+from fluxgymd.testing import write_job
 
 
 def read_all(sock, until: str, timeout: float = 10.0) -> list[str]:

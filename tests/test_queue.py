@@ -1,7 +1,6 @@
 """The queue: FIFO, never more than max_concurrent_jobs at once, nothing lost."""
-import time
 
-from conftest import wait_until, write_job
+from fluxgymd.testing import wait_until, write_job
 
 
 def test_200_jobs_two_at_a_time(daemon_factory, short_tmp):

@@ -2,7 +2,7 @@
 import signal
 import textwrap
 
-from conftest import PY, pid_alive, wait_until, write_job
+from fluxgymd.testing import PY, pid_alive, wait_until, write_job
 
 # Hangs on the first attempt, succeeds on the next: stands in for a resumable trainer.
 RESUMABLE = textwrap.dedent("""
