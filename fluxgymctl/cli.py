@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -102,21 +102,22 @@ def ping(ctx: Ctx) -> None:
 
 
 @cli.command()
-@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--name", default="", help="Use this job name instead of the file's job.name.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the job ends; exit 0 if it "
               "succeeded, 1 if not.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS",
               help="With --wait: give up after this long (exit 6).")
 @command
-def submit(ctx: Ctx, job_file: Path, name: str, wait_: bool, wait_timeout: float | None) -> None:
+def submit(ctx: Ctx, job_file: str, name: str, wait_: bool, wait_timeout: float | None) -> None:
     """Queue the job described by JOB_FILE (TOML)."""
     try:
-        text = job_file.read_text(encoding="utf-8")
+        with open(job_file, encoding="utf-8") as fh:
+            text = fh.read()
     except (OSError, UnicodeDecodeError) as e:
         fail(ctx, Exit.USAGE, f"cannot read {job_file}: {getattr(e, 'strerror', None) or e}",
              "usage")
-    job = ctx.call("submit", text=text, source=str(job_file.resolve()), name=name)
+    job = ctx.call("submit", text=text, source=os.path.abspath(job_file), name=name)
     if not wait_:
         if ctx.json:
             return render.emit_json(job)

@@ -9,12 +9,13 @@ import errno
 import itertools
 import json
 import os
-import socket
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import zmq
+
+# The C module, not `socket`: the wrapper costs the CLI a few ms of start-up for nothing.
+import _socket  # noqa: E402
 
 from .paths import default_runtime_dir
 from .protocol import CONTROL_SOCKET, EVENTS_SOCKET, request
@@ -33,28 +34,28 @@ class RemoteError(Exception):
         self.code, self.message, self.details = code, message, details
 
 
-def find_runtime_dir(explicit: str | None = None, env: dict[str, str] | None = None) -> Path:
+def find_runtime_dir(explicit: str | None = None, env: dict[str, str] | None = None) -> str:
     """--runtime-dir > FLUXGYM_RUNTIME_DIR > the first usual place with a control socket."""
     env = dict(os.environ if env is None else env)
     if explicit:
-        return Path(explicit)
+        return explicit
     if env.get("FLUXGYM_RUNTIME_DIR"):
-        return Path(env["FLUXGYM_RUNTIME_DIR"])
+        return env["FLUXGYM_RUNTIME_DIR"]
     candidates = []
     if env.get("XDG_RUNTIME_DIR"):
-        candidates.append(Path(env["XDG_RUNTIME_DIR"]) / "fluxgymd")
-    candidates += [Path("/run/fluxgymd"), Path(f"/tmp/fluxgymd-{os.getuid()}")]
+        candidates.append(os.path.join(env["XDG_RUNTIME_DIR"], "fluxgymd"))
+    candidates += ["/run/fluxgymd", f"/tmp/fluxgymd-{os.getuid()}"]
     for c in candidates:
-        if (c / CONTROL_SOCKET).exists():
+        if os.path.exists(os.path.join(c, CONTROL_SOCKET)):
             return c
     return default_runtime_dir(env)
 
 
 class Client:
-    def __init__(self, runtime_dir: str | Path | None = None, timeout: float = 10.0):
-        self.runtime_dir = find_runtime_dir(str(runtime_dir) if runtime_dir else None)
+    def __init__(self, runtime_dir: str | os.PathLike | None = None, timeout: float = 10.0):
+        self.runtime_dir = find_runtime_dir(os.fspath(runtime_dir) if runtime_dir else None)
         self.timeout = timeout
-        self.path = self.runtime_dir / CONTROL_SOCKET
+        self.path = os.path.join(self.runtime_dir, CONTROL_SOCKET)
         self._ctx = zmq.Context.instance()
         self._sock = None
         self._ids = itertools.count(1)
@@ -65,9 +66,9 @@ class Client:
 
     def _check_listening(self) -> None:
         """Fail at once, not after the timeout, when nothing listens on the socket."""
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            s.connect(str(self.path))
+            s.connect(self.path)
         except FileNotFoundError:
             raise self._unavailable(f"no {self.path}") from None
         except ConnectionRefusedError:
@@ -82,7 +83,7 @@ class Client:
         finally:
             s.close()
 
-    def _socket(self):
+    def _dealer(self):
         if self._sock is None:
             self._check_listening()
             s = self._ctx.socket(zmq.DEALER)
@@ -93,11 +94,11 @@ class Client:
 
     def send_raw(self, frames: list[bytes], timeout: float | None = None) -> list[bytes]:
         """Send frames as they are (tests use this for malformed input); return the reply."""
-        self._socket().send_multipart(frames)
+        self._dealer().send_multipart(frames)
         return self._recv(timeout)
 
     def _recv(self, timeout: float | None) -> list[bytes]:
-        sock = self._socket()
+        sock = self._dealer()
         if not sock.poll(int((timeout or self.timeout) * 1000)):
             self.close()
             raise DaemonUnavailable(
@@ -122,7 +123,7 @@ class Client:
                           err.get("details"))
 
     def subscribe(self, *topics: bytes) -> "Subscription":
-        return Subscription(self._ctx, self.runtime_dir / EVENTS_SOCKET, topics)
+        return Subscription(self._ctx, os.path.join(self.runtime_dir, EVENTS_SOCKET), topics)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -137,7 +138,7 @@ class Client:
 
 
 class Subscription:
-    def __init__(self, ctx: zmq.Context, path: Path, topics: tuple[bytes, ...]):
+    def __init__(self, ctx: zmq.Context, path: str, topics: tuple[bytes, ...]):
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100000)

@@ -150,7 +150,7 @@ def load(
     resolved = {
         name: Path(values[f"daemon.{name}"]).expanduser().resolve()
         if values[f"daemon.{name}"]
-        else dirs[name]
+        else Path(dirs[name])
         for name in ("state_dir", "runtime_dir", "outputs_dir")
     }
     cfg = Config(

@@ -7,9 +7,11 @@ instead of being glued to the next one or lost.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from pathlib import Path
 
+log = logging.getLogger("fluxgymd.joblog")
 LOG_NAME = "train.log"
 MAX_LINE_BYTES = 64 * 1024
 
@@ -83,6 +85,7 @@ class JobLog:
         self.seq = 0  # number of the last line written
         self._fh = None
         self._size = 0
+        self.error: str | None = None  # why the last write to disk failed, if it did
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -94,14 +97,27 @@ class JobLog:
         first = self.seq + 1
         if not lines:
             return first
-        if self._fh is None:
-            self._open()
         data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
-        if self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
-        self._fh.write(data)
-        self._fh.flush()
-        self._size += len(data)
+        try:
+            if self._fh is None:
+                self._open()
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._fh.write(data)
+            self._fh.flush()
+            self._size += len(data)
+        except OSError as e:
+            # A full disk must not stop the job or the daemon: the lines still reach the
+            # ring and the events socket; the file catches up once writing works again.
+            if self.error is None:
+                log.warning("cannot write %s: %s; keeping its lines in memory only",
+                            self.path, e.strerror or e)
+            self.error = e.strerror or str(e)
+            self._drop_handle()
+        else:
+            if self.error is not None:
+                log.info("writing %s again", self.path)
+                self.error = None
         self.ring.extend(zip(range(first, first + len(lines)), lines))
         self.seq += len(lines)
         return first
@@ -130,10 +146,16 @@ class JobLog:
     def tail(self, n: int) -> list[tuple[int, str]]:
         return list(self.ring)[-n:] if n > 0 else []
 
+    def _drop_handle(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._drop_handle()
 
 
 def read_tail(job_dir: Path, n: int, backups: int) -> list[str]:

@@ -101,3 +101,27 @@ def test_any_chunking_of_any_input_matches_the_reference():
             i += k
         got += s.close()
         assert got == reference_split(data), data
+
+
+class FullDisk:
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_full_disk_keeps_lines_in_memory_and_recovers(tmp_path):
+    log = JobLog(tmp_path, max_bytes=1 << 20, backups=1, memory_lines=100)
+    log.write(["before"])
+    log._fh = FullDisk()
+    log.write(["during"])  # must not raise
+    assert log.error == "No space left on device"
+    assert [l for _, l in log.tail(3)] == ["before", "during"]
+    log.write(["after"])  # reopens the file
+    assert log.error is None
+    log.close()
+    assert (tmp_path / "train.log").read_text() == "before\nafter\n"

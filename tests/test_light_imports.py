@@ -1,0 +1,22 @@
+"""The daemon and the CLI must stay light: never torch, diffusers, peft or transformers."""
+import subprocess
+import sys
+
+HEAVY = ("torch", "diffusers", "peft", "transformers", "accelerate", "safetensors")
+MODULES = ["fluxgymd.daemon", "fluxgymd.__main__", "fluxgymd.client", "fluxgymctl.cli",
+           "fluxgymd.testing"]
+
+
+def test_no_heavy_imports():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in MODULES)
+            + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_cli_does_not_import_rich_when_not_on_a_terminal():
+    code = ("import sys, fluxgymctl.cli\n"
+            "print('rich' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False"
