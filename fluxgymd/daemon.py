@@ -437,7 +437,12 @@ class Daemon:
     def op_list(self, args) -> dict[str, Any]:
         self._flush()
         now = time.time()
-        jobs = self.store.list_jobs(args["states"])
+        states = args["states"] or []
+        bad = [s for s in states if s not in {x.value for x in JobState}]
+        if bad:
+            raise FluxgymError(ErrorCode.BAD_ARGS, f"unknown state(s) {', '.join(map(str, bad))}; "
+                               f"states are: {', '.join(s.value for s in JobState)}")
+        jobs = self.store.list_jobs(states)
         return {"jobs": [job_view(j, now) for j in jobs], "counts": self.store.counts()}
 
     def op_show(self, args) -> dict[str, Any]:

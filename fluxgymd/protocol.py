@@ -59,6 +59,8 @@ class Arg(NamedTuple):
     type: type | tuple[type, ...]
     required: bool = False
     default: Any = None
+    minimum: int | None = None  # for integers
+    maximum: int | None = None
 
 
 _JOB = Arg(str, required=True)
@@ -73,16 +75,16 @@ OPS: dict[str, dict[str, Arg]] = {
         "name": Arg(str, default=""),  # overrides [job].name
     },
     "list": {"all": Arg(bool, default=True), "states": Arg(list, default=None)},
-    "show": {"job": _JOB, "events": Arg(int, default=50)},
+    "show": {"job": _JOB, "events": Arg(int, default=50, minimum=0, maximum=100_000)},
     "cancel": {"job": _JOB},
     "retry": {"job": _JOB},
     "logs": {
         "job": _JOB,
-        "lines": Arg(int, default=100),
+        "lines": Arg(int, default=100, minimum=0, maximum=100_000),
         # return only lines with a sequence number above this (follow mode)
-        "after": Arg(int, default=None),
+        "after": Arg(int, default=None, minimum=0),
     },
-    "metrics": {"job": _JOB, "limit": Arg(int, default=1000)},
+    "metrics": {"job": _JOB, "limit": Arg(int, default=1000, minimum=1, maximum=1_000_000)},
 }
 
 
@@ -157,6 +159,13 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
             raise FluxgymError(
                 ErrorCode.BAD_ARGS,
                 f"{op}: argument {name!r} must be {_type_name(arg.type)}, got {value!r:.60}",
+            )
+        if arg.minimum is not None and value < arg.minimum or \
+                arg.maximum is not None and value > arg.maximum:
+            raise FluxgymError(
+                ErrorCode.BAD_ARGS,
+                f"{op}: argument {name!r} must be between {arg.minimum} and "
+                f"{arg.maximum if arg.maximum is not None else 'any'}, got {value}",
             )
         out[name] = value
     return out

@@ -24,7 +24,7 @@ from .joblog import LineSplitter
 
 log = logging.getLogger("fluxgymd.supervisor")
 READ_CHUNK = 1024 * 1024
-BATCH_WINDOW_S = 0.005  # worst added delay for a log line; bounds wake-ups to 200/s a pipe
+BATCH_WINDOW_S = 0.005  # worst added delay for a log line; bounds wake-ups to 50/s a pipe
 PIPE_SIZE = 1024 * 1024  # the unprivileged maximum (/proc/sys/fs/pipe-max-size)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # After the leader exits, how long to wait for its pipes to close before giving up on them

@@ -110,7 +110,7 @@ class Daemon:
     def job(self, ref) -> dict:
         return self.call("show", job=str(ref))
 
-    def wait_state(self, ref, states, timeout: float = 20.0) -> dict:
+    def wait_state(self, ref, states, timeout: float = 20.0, interval: float = 0.05) -> dict:
         states = {states} if isinstance(states, str) else set(states)
 
         def reached():
@@ -121,7 +121,7 @@ class Daemon:
                 raise AssertionError(f"job {ref} ended {j['state']}: {j['reason']}")
             return None
 
-        return wait_until(reached, timeout, 0.05, f"job {ref} to reach {states}")
+        return wait_until(reached, timeout, interval, f"job {ref} to reach {states}")
 
     def submit(self, path: Path, **kw) -> dict:
         return self.call("submit", text=Path(path).read_text(), source=str(path), **kw)

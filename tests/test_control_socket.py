@@ -26,6 +26,8 @@ def raw(daemon, frames):
     ([json.dumps({"v": 7, "id": "x", "op": "ping"}).encode()], "unsupported_version"),
     ([request("show", {"job": 1})], "bad_args"),
     ([request("show", {"job": "999"})], "not_found"),
+    ([request("list", {"states": ["runing"]})], "bad_args"),
+    ([request("list", {"states": [3]})], "bad_args"),
     ([b"a", b"b", b"c"], "bad_frame"),
     ([b" " * (MAX_MESSAGE_BYTES + 10)], "too_large"),
 ])

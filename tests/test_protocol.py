@@ -32,6 +32,9 @@ def test_round_trip():
     (request("show", {"job": 3}), ErrorCode.BAD_ARGS),
     (request("logs", {"job": "a", "lines": True}), ErrorCode.BAD_ARGS),
     (request("ping", {"bogus": 1}), ErrorCode.BAD_ARGS),
+    (request("logs", {"job": "a", "lines": -1}), ErrorCode.BAD_ARGS),
+    (request("logs", {"job": "a", "lines": 10**9}), ErrorCode.BAD_ARGS),
+    (request("list", {"states": "running"}), ErrorCode.BAD_ARGS),
     (b" " * (MAX_MESSAGE_BYTES + 1), ErrorCode.TOO_LARGE),
 ])
 def test_bad_requests_get_a_stable_code(payload, code):
