@@ -29,13 +29,20 @@ def emit_json(obj: Any) -> None:
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str = "") -> None:
     cells = [[fmt(r) for _, _, fmt in columns] for r in rows]
     if is_tty():
+        from rich import box
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=title or None, header_style="bold")
-        for key, header, _ in columns:
+        t = Table(title=title or None, header_style="bold", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+        for i, (key, header, _) in enumerate(columns):
+            # Numbers and states keep their full width; free text (reasons) gets what is
+            # left of the terminal and is cut with an ellipsis.
+            free = key in _FREE_TEXT
+            width = max([len(header)] + [len(row[i]) for row in cells])
             t.add_column(header, justify="right" if key in _RIGHT else "left",
-                         overflow="fold")
+                         no_wrap=True, overflow="ellipsis",
+                         min_width=None if free else width)
         for r, row_cells in zip(rows, cells):
             styled = [
                 f"[{STATE_STYLE.get(c, '')}]{c}[/]" if key == "state" and c in STATE_STYLE
@@ -53,6 +60,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
 
 
 _RIGHT = {"id", "step", "loss", "elapsed_s", "eta_s", "attempts", "progress"}
+_FREE_TEXT = {"reason"}
 
 
 def _line(values: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:

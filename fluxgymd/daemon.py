@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .protocol import (
 )
 from .server import ControlServer
 from .states import ACTIVE, FINISHED, JobState
-from .store import Store
+from .store import Store, StoreError
 from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
 
 log = logging.getLogger("fluxgymd")
@@ -134,11 +135,12 @@ class Daemon:
     async def restore(self) -> None:
         """Decide what a previous daemon left behind: no active job survives a restart
         as active; leftover processes of it are stopped so a job never runs twice."""
-        for job in self.store.list_jobs([s.value for s in ACTIVE]):
-            note = ""
-            if same_process(job["pid"], job["pid_started"]):
-                await kill_orphan_group(job["pid"], job["pid_started"], self.cfg.kill_grace_s)
-                note = f"; stopped its leftover process group {job['pid']}"
+        left = self.store.list_jobs([s.value for s in ACTIVE])
+        alive = [j for j in left if same_process(j["pid"], j["pid_started"])]
+        await asyncio.gather(*(kill_orphan_group(j["pid"], j["pid_started"],
+                                                 self.cfg.kill_grace_s) for j in alive))
+        for job in left:
+            note = f"; stopped its leftover process group {job['pid']}" if job in alive else ""
             if job["cancel_requested"]:
                 self._transition(job["id"], S.CANCELLED,
                                  f"cancelled (fluxgymd restarted before it stopped){note}")
@@ -514,6 +516,14 @@ def run_daemon(cfg: Config) -> int:
         daemon.open()
     except AlreadyRunning as e:
         log.error("%s", e)
+        return 1
+    except (StoreError, sqlite3.DatabaseError) as e:
+        log.error("the job database %s cannot be used: %s. Fix or move it aside (a new one "
+                  "is created on start; the jobs in the old one are then not shown)",
+                  cfg.state_dir / "fluxgymd.sqlite3", e)
+        return 1
+    except zmq.ZMQError as e:
+        log.error("cannot bind the sockets in %s: %s", cfg.runtime_dir, e)
         return 1
 
     async def main():

@@ -94,3 +94,17 @@ def test_a_second_daemon_on_the_same_state_dir_refuses(daemon):
 def test_sigterm_stops_an_idle_daemon_cleanly(daemon):
     assert daemon.stop(signal.SIGTERM) == 0
     assert "stopped" in daemon.logs()
+
+
+def test_a_corrupt_database_is_refused_with_advice(short_tmp):
+    state = short_tmp / "state"
+    state.mkdir()
+    (state / "fluxgymd.sqlite3").write_bytes(b"this is not a database" * 100)
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxgymd", "--state-dir", str(state), "--runtime-dir",
+         str(short_tmp / "run"), "--outputs-dir", str(short_tmp / "out")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1
+    assert "cannot be used" in r.stderr and "move it aside" in r.stderr
+    assert "Traceback" not in r.stderr
