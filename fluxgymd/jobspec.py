@@ -13,6 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from trainer import config as train_config
+
 from .protocol import ErrorCode, FluxgymError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -104,14 +106,12 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> 
         train = data.get("train")
         if not isinstance(train, dict):
             errors.append("a lora job needs a [train] section (see etc/jobs/tiny-lora.toml)")
-            train = {}
-        for key in ("pretrained_model", "dataset_dir"):
-            if isinstance(train.get(key), str):
-                p = (base / train[key]).resolve()
-                if not p.exists():
-                    errors.append(f"train.{key}: {p} does not exist")
-                train[key] = str(p)
-        spec["train"] = train
+        else:
+            # The trainer's own validation (stdlib only), so mistakes surface at submit.
+            try:
+                spec["train"] = train_config.parse(train, str(base)).to_dict()
+            except train_config.TrainConfigError as e:
+                errors.extend(e.problems)
         if "command" in data:
             errors.append("[command] is only for kind = \"command\" jobs")
     return spec

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,3 +61,16 @@ def daemon_factory(short_tmp):
 @pytest.fixture
 def daemon(daemon_factory):
     return daemon_factory(watchdog__kill_grace_s=3.0).start()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Flux pipeline (root/model) and a small dataset (root/data), written by
+    the trainer's own `python -m trainer.tiny` in a subprocess."""
+    root = tmp_path_factory.mktemp("tiny")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "trainer.tiny", str(root / "model")], check=True,
+                   env=env, capture_output=True, timeout=180)
+    subprocess.run([sys.executable, "-m", "trainer.tiny", "--dataset", str(root / "data")],
+                   check=True, env=env, capture_output=True, timeout=60)
+    return root

@@ -1,7 +1,54 @@
-"""`python -m trainer JOBFILE`: not built yet (see issue 3). Says so instead of pretending."""
-import sys
+"""`python -m trainer JOBFILE [--output-dir DIR] [--fresh]`: train the job's [train]
+section. Run by fluxgymd for kind = "lora" jobs, and usable alone in a terminal."""
+from __future__ import annotations
 
-print("trainer: the Flux LoRA trainer is not part of this version yet; "
-      "kind = \"lora\" jobs cannot run. Use a kind = \"command\" job meanwhile.",
-      file=sys.stderr)
-sys.exit(2)
+import argparse
+import os
+import sys
+import tomllib
+
+from . import config
+
+
+def load_job(path: str) -> tuple[config.TrainConfig, str]:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SystemExit(f"trainer: job file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"trainer: {path}: {e}") from None
+    train = doc.get("train")
+    if not isinstance(train, dict):
+        raise SystemExit(f"trainer: {path} has no [train] section")
+    try:
+        cfg = config.parse(train, os.path.dirname(os.path.abspath(path)))
+    except config.TrainConfigError as e:
+        raise SystemExit(f"trainer: {path} has {len(e.problems)} problem(s):\n"
+                         + "\n".join(f"  - {p}" for p in e.problems)) from None
+    name = (doc.get("job") or {}).get("name") or os.path.splitext(os.path.basename(path))[0]
+    return cfg, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    ap.add_argument("job_file", help="a job file with a [train] section")
+    ap.add_argument("--output-dir", help="default: $FLUXGYM_OUTPUT_DIR, else ./outputs/<name>")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over: set existing checkpoints aside instead of resuming")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
+    cfg, name = load_job(args.job_file)
+    out = args.output_dir or os.environ.get("FLUXGYM_OUTPUT_DIR") or os.path.join("outputs", name)
+    from .data import DatasetError
+    from .train import TrainError, run
+
+    try:
+        return run(cfg, name, os.path.abspath(out), args.fresh)
+    except (DatasetError, TrainError) as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The trainer on the tiny Flux, each run in its own process: exact resume after SIGKILL,
+SIGTERM and a torn checkpoint write; the LoRA loads into a pipeline; bad inputs are named.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from fluxgymd.testing import wait_until
+
+PY = sys.executable
+STEPS = 40  # 2T, with a checkpoint every T/2
+SEED = int(os.environ.get("FLUXGYM_TEST_SEED", time.time_ns() % 10_000))
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLUXGYM_")}
+ENV["HF_HUB_OFFLINE"] = "1"
+# the `tiny` fixture (a tiny Flux and a dataset, made once per session) is in conftest.py
+
+
+def job_file(root: Path, name: str, **train) -> Path:
+    section = dict(pretrained_model=str(root / "model"), dataset_dir=str(root / "data"),
+                   trigger_word="fgx", resolution=64, max_train_steps=STEPS, num_repeats=2,
+                   train_batch_size=2, learning_rate=1e-3, network_dim=4, network_alpha=2.0,
+                   save_every_n_steps=10, save_every_n_epochs=0, t5xxl_max_token_length=32,
+                   log_every_n_steps=1)
+    section.update(train)
+    path = root / f"{name}.toml"
+    path.write_text(tomli_w.dumps({"job": {"name": name, "kind": "lora"}, "train": section}))
+    return path
+
+
+def start(root: Path, name: str, env_extra=None, **train) -> tuple[subprocess.Popen, Path]:
+    out = root / "out" / name
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "stderr.log", "ab")
+    p = subprocess.Popen([PY, "-m", "trainer", str(job_file(root, name, **train)),
+                          "--output-dir", str(out)], stdout=log, stderr=subprocess.STDOUT,
+                         env=dict(ENV, **(env_extra or {})))
+    log.close()
+    return p, out
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> int:
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+
+
+def train(root: Path, name: str, **kw) -> Path:
+    p, out = start(root, name, **kw)
+    rc = finish(p)
+    assert rc == 0, (out / "stderr.log").read_text()[-3000:]
+    return out
+
+
+def lora(out: Path, name: str):
+    from safetensors.torch import load_file
+    return load_file(str(out / f"{name}.safetensors"))
+
+
+def assert_identical(a, b):
+    import torch
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="session")
+def straight(tiny):
+    return lora(train(tiny, "straight"), "straight")
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, straight):
+    rng = random.Random(SEED)
+    p, out = start(tiny, "killed")
+    try:
+        wait_until(lambda: (out / "checkpoints" / "step-00000010" / "manifest.json").exists()
+                   or p.poll() is not None, 120, what="the first checkpoint")
+        time.sleep(rng.uniform(0, 0.5))
+        p.send_signal(signal.SIGKILL)
+    finally:
+        rc = finish(p)
+    assert rc == -signal.SIGKILL, f"the run ended by itself (seed {SEED})"
+    out = train(tiny, "killed")
+    assert "resuming from" in (out / "stderr.log").read_text()
+    assert_identical(straight, lora(out, "killed"))
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_identical(tiny, straight):
+    rng = random.Random(SEED + 1)
+    p, out = start(tiny, "termed")
+    try:
+        wait_until(lambda: (out / "checkpoints" / "step-00000010" / "manifest.json").exists()
+                   or p.poll() is not None, 120, what="the first checkpoint")
+        time.sleep(rng.uniform(0, 0.5))
+        p.send_signal(signal.SIGTERM)
+    finally:
+        rc = finish(p)
+    log = (out / "stderr.log").read_text()
+    assert rc == 75, log[-2000:]
+    assert "stopped by SIGTERM at step" in log
+    stopped_at = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").exists()
+    out = train(tiny, "termed")
+    assert f"(step {stopped_at})" in (out / "stderr.log").read_text()  # no step lost
+    assert_identical(straight, lora(out, "termed"))
+
+
+def test_a_torn_checkpoint_write_is_never_resumed_from(tiny, straight):
+    p, out = start(tiny, "torn", env_extra={"TRAINER_FAULT": "kill-in-checkpoint:20"})
+    assert finish(p) == -signal.SIGKILL
+    ck = out / "checkpoints"
+    assert sorted(x.name for x in ck.iterdir() if x.name.startswith("step-")) == ["step-00000010"]
+    assert any(x.name.startswith(".tmp-step-00000020") for x in ck.iterdir())
+    out = train(tiny, "torn")
+    assert "resuming from" in (log := (out / "stderr.log").read_text())
+    assert "step-00000010 (step 10)" in log
+    assert not any(x.name.startswith(".tmp-") for x in ck.iterdir())  # cleaned up
+    assert_identical(straight, lora(out, "torn"))
+
+
+def test_a_finished_run_does_not_train_again(tiny, straight):
+    out = tiny / "out" / "straight"
+    before = (out / "straight.safetensors").stat().st_mtime_ns
+    p, _ = start(tiny, "straight")
+    assert finish(p) == 0
+    log = (out / "stderr.log").read_text().split("resuming from")[-1]
+    assert f"(step {STEPS})" in log and "step 1/" not in log
+    assert_identical(straight, lora(out, "straight"))
+    assert (out / "straight.safetensors").stat().st_mtime_ns >= before
+
+
+def test_checkpoints_hold_only_lora_and_optimizer_and_are_pruned(tiny, straight):
+    import torch
+    from safetensors.torch import load_file
+
+    ck = tiny / "out" / "straight" / "checkpoints"
+    kept = sorted(x.name for x in ck.iterdir())
+    assert kept == ["step-00000030", "step-00000040"]  # save_last_n_checkpoints = 2
+    weights = load_file(str(ck / "step-00000040" / "lora.safetensors"))
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    opt = torch.load(ck / "step-00000040" / "optimizer.pt", weights_only=True)
+    assert len(opt["state"]) == len(weights)
+    base = (tiny / "model" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    lora_bytes = sum(v.numel() * 4 for v in weights.values())
+    size = sum(f.stat().st_size for f in (ck / "step-00000040").iterdir())
+    assert size < 4 * lora_bytes + 64 * 1024 and size < base
+
+
+LOAD_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    from diffusers import FluxPipeline
+    from safetensors import safe_open
+    model, lora = sys.argv[1], sys.argv[2]
+    def image(pipe):
+        return pipe("fgx a red disc", height=64, width=64, num_inference_steps=2,
+                    max_sequence_length=32, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+    pipe = FluxPipeline.from_pretrained(model, local_files_only=True)
+    plain = image(pipe)
+    pipe.load_lora_weights(lora, adapter_name="x")
+    with_lora = image(pipe)
+    pipe2 = FluxPipeline.from_pretrained(model, local_files_only=True)
+    pipe2.load_lora_weights(lora, adapter_name="x")
+    again = image(pipe2)
+    alpha = pipe2.transformer.peft_config["x"].lora_alpha
+    with safe_open(lora, "pt") as f:
+        meta = f.metadata()
+    print(json.dumps({"changed": not torch.equal(plain, with_lora),
+                      "reproduced": torch.equal(with_lora, again), "alpha": alpha,
+                      "rank": pipe2.transformer.peft_config["x"].r,
+                      "steps": meta.get("fluxgym_steps"), "trigger": meta.get("fluxgym_trigger_word"),
+                      "dataset": meta.get("fluxgym_dataset_sha256"),
+                      "base": meta.get("fluxgym_base_model")}))
+""")
+
+
+def test_the_lora_loads_into_a_pipeline_changes_it_and_reloads_exactly(tiny, straight):
+    import json
+
+    lora_path = tiny / "out" / "straight" / "straight.safetensors"
+    r = subprocess.run([PY, "-c", LOAD_CHECK, str(tiny / "model"), str(lora_path)],
+                       capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["changed"] and got["reproduced"]
+    assert (got["alpha"], got["rank"]) == (2.0, 4)  # alpha survives the round trip
+    assert got["steps"] == str(STEPS) and got["trigger"] == "fgx"
+    assert len(got["dataset"]) == 64 and got["base"] == str(tiny / "model")
+
+
+def test_bad_dataset_exits_2_naming_the_file(tiny, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.png").write_bytes((tiny / "data" / "img000.png").read_bytes())
+    (data / "scan.pdf").write_bytes(b"%PDF-1.4")
+    job = job_file(tiny, "baddata", dataset_dir=str(data))
+    r = subprocess.run([PY, "-m", "trainer", str(job), "--output-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2
+    assert f"{data / 'scan.pdf'} is not an image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_job_file_exits_with_every_problem(tiny, tmp_path):
+    job = tmp_path / "j.toml"
+    job.write_text('[job]\nname = "j"\n[train]\nnetwork_dim = 0\nlearning_rte = 1\n')
+    r = subprocess.run([PY, "-m", "trainer", str(job)], capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert r.returncode != 0
+    for text in ("network_dim must be between 1 and 4096", "did you mean 'learning_rate'",
+                 "train.pretrained_model is required"):
+        assert text in r.stderr

@@ -1,0 +1,161 @@
+"""The [train] section of a job file: every key, its type, default and limits.
+
+Stdlib only: fluxgymd imports this to validate a lora job when it is submitted, and the
+daemon must never import torch. Key names follow kohya sd-scripts / FluxGym where one exists.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+TIMESTEP_SAMPLING = ("shift", "sigmoid", "uniform")
+MIXED_PRECISION = ("auto", "no", "bf16")
+DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class TrainConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    pretrained_model: str = ""  # a local diffusers-format Flux folder (required)
+    dataset_dir: str = ""  # images with optional same-name .txt captions (required)
+    trigger_word: str = ""  # put first in every caption
+    num_repeats: int = 10  # each image this many times per epoch
+    resolution: int = 512  # buckets hold about resolution^2 pixels
+    # how long
+    max_train_steps: int = 0  # 0: use max_train_epochs
+    max_train_epochs: int = 16
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    # optimizer and schedule (AdamW)
+    learning_rate: float = 8e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    # the LoRA
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    network_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Flux flow matching
+    timestep_sampling: str = "shift"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.1582
+    guidance_scale: float = 1.0  # the guidance embedding's value while training
+    t5xxl_max_token_length: int = 512
+    # machinery
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # checkpoints
+    save_every_n_steps: int = 0  # 0: off
+    save_every_n_epochs: int = 1  # 0: off
+    save_last_n_checkpoints: int = 2  # at least 2
+    # samples
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0  # 0: off
+    sample_steps: int = 20
+    sample_guidance_scale: float = 3.5
+    # reporting: a progress line every this many steps when not on a terminal
+    log_every_n_steps: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "num_repeats": (1, None), "resolution": (16, 8192), "max_train_steps": (0, None),
+    "max_train_epochs": (0, None), "train_batch_size": (1, None),
+    "gradient_accumulation_steps": (1, None), "learning_rate": (0, 10), "lr_warmup_steps": (0, None),
+    "weight_decay": (0, None), "max_grad_norm": (0, None), "network_dim": (1, 4096),
+    "network_alpha": (0, None), "sigmoid_scale": (0, None), "discrete_flow_shift": (0, None),
+    "guidance_scale": (0, None), "t5xxl_max_token_length": (1, 4096), "seed": (0, 2**63 - 1),
+    "save_every_n_steps": (0, None), "save_every_n_epochs": (0, None),
+    "save_last_n_checkpoints": (2, None), "sample_every_n_steps": (0, None),
+    "sample_steps": (1, 1000), "sample_guidance_scale": (0, None), "log_every_n_steps": (1, None),
+}
+_CHOICES = {"lr_scheduler": LR_SCHEDULERS, "timestep_sampling": TIMESTEP_SAMPLING,
+            "mixed_precision": MIXED_PRECISION}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list of strings"}
+
+
+_DEFAULTS = TrainConfig()
+
+
+def _type_of(name: str) -> type:
+    return type(getattr(_DEFAULTS, name))
+
+
+def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
+    """Validate a [train] table; raise TrainConfigError listing every problem."""
+    problems: list[str] = []
+    known = [f.name for f in fields(TrainConfig)]
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            problems.append(f"unknown key train.{key}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        want = _type_of(key)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if ok and want is list:
+            ok = all(isinstance(v, str) for v in value)
+        if ok and want is float and not math.isfinite(value):
+            ok = False
+        if not ok:
+            problems.append(f"train.{key} must be {_TYPE_NAMES[want]}, got {value!r:.60}")
+            continue
+        lo, hi = _LIMITS.get(key, (None, None))
+        if lo is not None and value < lo or hi is not None and value > hi:
+            rng = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            problems.append(f"train.{key} must be {rng}, got {value}")
+            continue
+        if key in _CHOICES and value not in _CHOICES[key]:
+            hint = " (fp16 is not supported for Flux; use bf16)" if value == "fp16" else ""
+            problems.append(f"train.{key} {value!r} is not one of: "
+                            f"{', '.join(_CHOICES[key])}{hint}")
+            continue
+        values[key] = value
+    cfg = TrainConfig(**values)
+    for key in ("pretrained_model", "dataset_dir"):
+        path = getattr(cfg, key)
+        if not path:
+            problems.append(f"train.{key} is required")
+            continue
+        if base_dir and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base_dir, path))
+            setattr(cfg, key, path)
+        if not os.path.exists(path):
+            problems.append(f"train.{key}: {path} does not exist")
+    if cfg.pretrained_model and os.path.isfile(cfg.pretrained_model):
+        problems.append(f"train.pretrained_model: {cfg.pretrained_model} is a single file; "
+                        "give a diffusers-format Flux folder (with model_index.json) — "
+                        "single-file checkpoints are not supported yet")
+    elif cfg.pretrained_model and os.path.isdir(cfg.pretrained_model) and not os.path.exists(
+            os.path.join(cfg.pretrained_model, "model_index.json")):
+        problems.append(f"train.pretrained_model: {cfg.pretrained_model} has no "
+                        "model_index.json; is it a diffusers-format Flux folder?")
+    if cfg.dataset_dir and os.path.exists(cfg.dataset_dir) and not os.path.isdir(cfg.dataset_dir):
+        problems.append(f"train.dataset_dir: {cfg.dataset_dir} is not a folder")
+    if cfg.max_train_steps == 0 and cfg.max_train_epochs == 0:
+        problems.append("set train.max_train_steps or train.max_train_epochs (both are 0)")
+    if cfg.sample_every_n_steps and not cfg.sample_prompts:
+        problems.append("train.sample_every_n_steps is set but train.sample_prompts is empty")
+    if not cfg.network_target_modules:
+        problems.append("train.network_target_modules is empty; the LoRA would train nothing")
+    if problems:
+        raise TrainConfigError(problems)
+    return cfg

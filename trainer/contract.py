@@ -1,0 +1,120 @@
+"""The trainer's side of the supervision contract: events to the daemon, signals, and
+progress for a person at a terminal.
+
+Events go over a ZeroMQ PUSH socket with NOBLOCK and a small high-water mark: a step never
+waits for the daemon, and a lost event is fine. SIGTERM/SIGINT ask for a checkpoint at the
+next step boundary and exit 75; SIGUSR1 dumps every thread's stack to stderr.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+EXIT_INTERRUPTED = 75
+
+
+class Stop:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps. A second SIGINT (an
+    impatient Ctrl-C) stops at once, without a checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.requested is not None
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.endpoint = os.environ.get("FLUXGYM_PROGRESS_ENDPOINT", "")
+        self.job = os.environ.get("FLUXGYM_JOB_ID", "")
+        self.attempt = int(os.environ.get("FLUXGYM_ATTEMPT", "1") or 1)
+        self.supervised = bool(self.endpoint and self.job)
+        self._sock = None
+        if self.supervised:
+            import zmq
+
+            self._zmq = zmq
+            self._sock = zmq.Context.instance().socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.SNDHWM, 100)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.endpoint)
+        self._bar = None
+        self._last_line = 0.0
+        self.total = 0
+
+    # --- events -----------------------------------------------------------------------
+    def send(self, event: str, **fields: Any) -> None:
+        if self._sock is None:
+            return
+        msg = dict(fields, event=event, job=self.job, attempt=self.attempt)
+        try:
+            self._sock.send(json.dumps(msg).encode(), self._zmq.NOBLOCK)
+        except self._zmq.ZMQError:
+            pass  # the daemon is slow or gone: training goes on
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self.send("phase", phase=name)
+        self.say(f"{name}{': ' + detail if detail else ''}")
+
+    def step(self, step: int, loss: float, lr: float, seconds: float, log_every: int) -> None:
+        self.send("step", step=step, total=self.total, loss=loss, lr=lr,
+                  seconds_per_step=seconds)
+        if self._bar is not None:
+            self._bar[0].update(self._bar[1], completed=step,
+                                description=f"loss {loss:.4f} lr {lr:.2e}")
+        elif step % log_every == 0 or step == self.total or time.monotonic() - self._last_line > 30:
+            self._last_line = time.monotonic()
+            self.say(f"step {step}/{self.total} loss {loss:.6f} lr {lr:.3e} "
+                     f"{seconds:.3f} s/step")
+
+    def checkpoint(self, path: str, step: int) -> None:
+        self.send("checkpoint", path=path, step=step)
+        self.say(f"checkpoint step {step}: {path}")
+
+    def sample(self, path: str, step: int) -> None:
+        self.send("sample", path=path, step=step)
+        self.say(f"sample step {step}: {path}")
+
+    def done(self) -> None:
+        self.send("done")
+
+    # --- people ---------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar[0].console.print(text)
+        else:
+            print(f"trainer: {text}", file=sys.stderr, flush=True)
+
+    def start_bar(self, start: int, total: int) -> None:
+        self.total = total
+        if self.supervised or not sys.stderr.isatty():
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        progress.start()
+        self._bar = (progress, progress.add_task("training", total=total, completed=start))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar[0].stop()
+            self._bar = None
+        if self._sock is not None:
+            self._sock.close(linger=500)  # let "done" reach the daemon
+            self._sock = None

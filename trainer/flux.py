@@ -1,0 +1,135 @@
+"""Flux specifics: loading the pipeline, caching what the frozen encoders produce, and the
+flow-matching loss, as Flux LoRA trainers compute it (shifted timestep sampling, guidance
+embedding, packed latents, image and text position ids).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline
+from safetensors.torch import load_file, save_file
+
+from .data import Item, load_image
+
+
+def model_identity(path: str, component: str) -> str:
+    """A cheap fingerprint of a component: its config and its weight files' names, sizes and
+    times. Hashing the weights themselves would take minutes for T5-XXL."""
+    h = hashlib.sha256(component.encode())
+    folder = os.path.join(path, component)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        p = os.path.join(folder, name)
+        st = os.stat(p)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if name.endswith(".json"):
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def load_pipeline(path: str, dtype: torch.dtype) -> FluxPipeline:
+    return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+class Cache:
+    """Latents and text-encoder outputs on disk under the job's output dir, keyed by what
+    they were made from, so a resumed or repeated run reuses them."""
+
+    def __init__(self, root: str, pipe_path: str, max_len: int):
+        self.root = root
+        self.vae_id = model_identity(pipe_path, "vae")
+        self.text_id = hashlib.sha256(
+            (model_identity(pipe_path, "text_encoder") + model_identity(pipe_path, "text_encoder_2")
+             + str(max_len)).encode()).hexdigest()[:16]
+        os.makedirs(os.path.join(root, "latents"), exist_ok=True)
+        os.makedirs(os.path.join(root, "text"), exist_ok=True)
+
+    def latent_path(self, item: Item, bucket: tuple[int, int]) -> str:
+        key = hashlib.sha256(f"{item.sha256}\0{bucket}\0{self.vae_id}".encode()).hexdigest()[:32]
+        return os.path.join(self.root, "latents", f"{key}.safetensors")
+
+    def text_path(self, caption: str) -> str:
+        key = hashlib.sha256(f"{caption}\0{self.text_id}".encode()).hexdigest()[:32]
+        return os.path.join(self.root, "text", f"{key}.safetensors")
+
+
+@torch.no_grad()
+def cache_latents(pipe: FluxPipeline, cache: Cache, items: list[Item],
+                  bucket_of: list[tuple[int, int]], device) -> list[torch.Tensor]:
+    vae = pipe.vae
+    out = []
+    for item, bucket in zip(items, bucket_of):
+        path = cache.latent_path(item, bucket)
+        if not os.path.exists(path):
+            pixels = load_image(item, bucket).unsqueeze(0).to(device, vae.dtype)
+            # the distribution's mode, not a sample: the cache must not depend on an RNG
+            lat = vae.encode(pixels).latent_dist.mode()
+            lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+            _atomic_save({"latents": lat[0].float()}, path)
+        out.append(load_file(path)["latents"])
+    return out
+
+
+@torch.no_grad()
+def cache_text(pipe: FluxPipeline, cache: Cache, captions: list[str], device,
+               max_len: int) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for caption in dict.fromkeys(captions):
+        path = cache.text_path(caption)
+        if not os.path.exists(path):
+            embeds, pooled, _ = pipe.encode_prompt(prompt=[caption], prompt_2=None, device=device,
+                                                   max_sequence_length=max_len)
+            _atomic_save({"prompt_embeds": embeds[0].float(), "pooled": pooled[0].float()}, path)
+        out[caption] = load_file(path)
+    return out
+
+
+def sample_timesteps(kind: str, n: int, g: torch.Generator, shift: float,
+                     sigmoid_scale: float) -> torch.Tensor:
+    """t in (0, 1): the noise level of each sample in a batch."""
+    if kind == "uniform":
+        return torch.rand(n, generator=g)
+    t = torch.sigmoid(sigmoid_scale * torch.randn(n, generator=g))
+    if kind == "shift":
+        t = (t * shift) / (1 + (shift - 1) * t)
+    return t
+
+
+def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor,
+                       pooled: torch.Tensor, cfg, g: torch.Generator, device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """One batch's loss. Every random draw comes from `g`, never the global RNG, which is
+    what makes a resumed run bit-identical to an uninterrupted one."""
+    b, c, h, w = latents.shape
+    noise = torch.randn(latents.shape, generator=g)
+    t = sample_timesteps(cfg.timestep_sampling, b, g, cfg.discrete_flow_shift, cfg.sigmoid_scale)
+    latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+    sigma = t.view(b, 1, 1, 1)
+    noisy = (1 - sigma) * latents + sigma * noise
+    packed = FluxPipeline._pack_latents(noisy.to(dtype), b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+    guidance = torch.full((b,), cfg.guidance_scale, device=device, dtype=torch.float32)
+    pred = transformer(
+        hidden_states=packed, timestep=t.to(dtype), guidance=guidance,
+        pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+        txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+    )[0]
+    # _unpack_latents takes pixel sizes; with the VAE's factor of 1 these are latent sizes
+    pred = FluxPipeline._unpack_latents(pred, h, w, 1)
+    target = noise - latents
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def lora_metadata(transformer) -> dict[str, Any]:
+    return json.loads(json.dumps(transformer.peft_config["default"].to_dict(), default=list))

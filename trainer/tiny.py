@@ -1,0 +1,106 @@
+"""Tiny random Flux pipelines and datasets, for the demo, the tests and the benchmarks.
+
+    python -m trainer.tiny DIR [--preset tiny|bench]   a diffusers-format Flux folder
+    python -m trainer.tiny --dataset DIR [--images N]   PNGs with .txt captions
+
+Everything is built from configs (no hub, no download) with a fixed seed, so two calls
+write the same weights. The tokenizers are ByT5 (they need no vocabulary files).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PRESETS = {
+    # ~82k parameters in the transformer: trains at dozens of steps/s on a CPU
+    "tiny": dict(transformer=dict(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+                 text_dim=32, vae_channels=(16, 32)),
+    # ~50M parameters: for throughput and checkpoint-size benchmarks
+    "bench": dict(transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=64,
+                                   num_attention_heads=8, joint_attention_dim=256,
+                                   pooled_projection_dim=256, axes_dims_rope=[16, 24, 24]),
+                  text_dim=256, vae_channels=(16, 32)),
+}
+
+
+def build(preset: str = "tiny", seed: int = 0):
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel)
+    from transformers import (ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config,
+                              T5EncoderModel)
+
+    p = PRESETS[preset]
+    torch.manual_seed(seed)
+    tok = ByT5Tokenizer(model_max_length=77)
+    tok2 = ByT5Tokenizer(model_max_length=512)
+    d = p["text_dim"]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True,
+                                         **p["transformer"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=p["vae_channels"],
+        down_block_types=("DownEncoderBlock2D",) * len(p["vae_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(p["vae_channels"]),
+        layers_per_block=1, latent_channels=16, norm_num_groups=8, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611, sample_size=64,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        hidden_size=d, intermediate_size=2 * d, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tok), max_position_embeddings=77, projection_dim=d,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    t5 = T5EncoderModel(T5Config(d_model=d, d_ff=2 * d, num_layers=2, num_heads=4,
+                                 d_kv=d // 4, vocab_size=len(tok2)))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                        text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+                        transformer=transformer)
+
+
+def write_model(path: str, preset: str = "tiny") -> None:
+    from . import quiet
+    quiet()
+    build(preset).save_pretrained(path)
+
+
+COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 200, 40), (150, 60, 200),
+           (30, 190, 190), (240, 130, 30), (90, 90, 90)]
+
+
+def write_dataset(path: str, images: int = 8, size: int = 64) -> None:
+    """Coloured squares and discs on varied backgrounds, in two aspect ratios."""
+    from PIL import Image, ImageDraw
+
+    os.makedirs(path, exist_ok=True)
+    for i in range(images):
+        w, h = (size, size) if i % 2 == 0 else (size * 3 // 2, size)
+        fg, bg = COLOURS[i % len(COLOURS)], COLOURS[(i * 3 + 1) % len(COLOURS)]
+        img = Image.new("RGB", (w, h), bg)
+        draw = ImageDraw.Draw(img)
+        box = (w // 4, h // 4, w * 3 // 4, h * 3 // 4)
+        (draw.ellipse if i % 3 else draw.rectangle)(box, fill=fg)
+        img.save(os.path.join(path, f"img{i:03d}.png"))
+        shape = "disc" if i % 3 else "square"
+        with open(os.path.join(path, f"img{i:03d}.txt"), "w") as fh:
+            fh.write(f"a {shape} in colour {fg} on {bg}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.tiny", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="where to write")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--dataset", action="store_true", help="write a dataset, not a model")
+    ap.add_argument("--images", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.dataset:
+        write_dataset(args.path, args.images)
+    else:
+        write_model(args.path, args.preset)
+    print(f"wrote {args.path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The training loop, top to bottom: load, cache, resume, train, checkpoint, sample, save.
+
+Exit codes: 0 finished (the LoRA is written), 75 interrupted with a checkpoint (resumable),
+2 bad job file or dataset (the message says what to fix), 1 a crash.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .contract import EXIT_INTERRUPTED, Reporter, Stop
+from .data import assign_bucket, buckets, dataset_hash, epoch_batches, scan
+
+# Settings a checkpoint must agree with to be resumed from: anything that changes what the
+# saved state means. max_train_steps may change (train longer); these may not.
+RESUME_KEYS = ("pretrained_model", "network_dim", "network_alpha", "network_target_modules",
+               "resolution", "train_batch_size", "gradient_accumulation_steps", "num_repeats",
+               "seed", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
+               "guidance_scale", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+               "weight_decay", "max_grad_norm", "mixed_precision")
+
+
+class TrainError(Exception):
+    """A problem the user must fix (exit 2)."""
+
+
+@dataclass
+class Plan:
+    batches_per_epoch: int
+    total_steps: int
+
+    def epoch_of(self, micro: int) -> tuple[int, int]:
+        return divmod(micro, self.batches_per_epoch)
+
+
+def plan(cfg: TrainConfig, n_batches: int) -> Plan:
+    accum = cfg.gradient_accumulation_steps
+    if cfg.max_train_steps:
+        total = cfg.max_train_steps
+    else:
+        total = math.ceil(cfg.max_train_epochs * n_batches / accum)
+    return Plan(n_batches, total)
+
+
+def step_seed(seed: int, micro: int) -> int:
+    # A distinct, reproducible stream per micro-batch; no state carried between steps.
+    return (seed * 1_000_003 + micro * 7_919 + 17) % (2**63 - 1)
+
+
+def run(cfg: TrainConfig, name: str, out: str, fresh: bool) -> int:
+    stop = Stop()
+    rep = Reporter()
+    try:
+        return _run(cfg, name, out, fresh, stop, rep)
+    finally:
+        rep.close()
+
+
+def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Reporter) -> int:
+    rep.phase("loading", f"{cfg.pretrained_model}")
+    items = scan(cfg.dataset_dir, cfg.trigger_word)
+    os.makedirs(out, exist_ok=True)
+    ckpt_root = os.path.join(out, "checkpoints")
+    if fresh and os.path.isdir(ckpt_root):
+        aside = f"{ckpt_root}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(ckpt_root, aside)
+        rep.say(f"--fresh: moved the previous checkpoints to {aside}")
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from . import flux, quiet
+    from .lora import save_lora
+
+    quiet()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mp)
+    device = accelerator.device
+    dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+    pipe = flux.load_pipeline(cfg.pretrained_model, dtype)
+    divisor = pipe.vae_scale_factor * 2
+    choices = buckets(cfg.resolution, divisor)
+    bucket_of = [assign_bucket(it.width, it.height, choices) for it in items]
+
+    # --- caching: run the frozen encoders once, keep their outputs, free them ----------
+    rep.phase("caching", f"{len(items)} images in {len(set(bucket_of))} bucket(s)")
+    cache = flux.Cache(os.path.join(out, "cache"), cfg.pretrained_model,
+                       cfg.t5xxl_max_token_length)
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    latents = flux.cache_latents(pipe, cache, items, bucket_of, device)
+    texts = flux.cache_text(pipe, cache, [it.caption for it in items] + cfg.sample_prompts,
+                            device, cfg.t5xxl_max_token_length)
+    vae = pipe.vae if cfg.sample_every_n_steps else None
+    transformer = pipe.transformer
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None
+    del pipe
+    if vae is not None:
+        vae.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # --- the LoRA ------------------------------------------------------------------------
+    transformer.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # the LoRA's initial weights
+    transformer.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
+                                       init_lora_weights="gaussian",
+                                       target_modules=cfg.network_target_modules))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise TrainError(f"train.network_target_modules {cfg.network_target_modules} match no "
+                         "layer of this transformer")
+    for p in params:
+        p.data = p.data.float()  # LoRA weights train in fp32 even when the base is bf16
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    n_batches = len(epoch_batches(bucket_of, cfg.num_repeats, cfg.train_batch_size, cfg.seed, 0))
+    p = plan(cfg, n_batches)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=p.total_steps)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model = accelerator.unwrap_model(transformer)
+
+    # --- resume -----------------------------------------------------------------------
+    resume_meta = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    resume_meta["dataset_sha256"] = dataset_hash(items)
+    start = 0
+    for found in ckpt.complete(ckpt_root):
+        why = ckpt.verify(found)
+        if why:
+            rep.say(f"checkpoint {found.path} is damaged ({why}); trying an older one")
+            continue
+        saved = found.manifest.get("resume", {})
+        diff = [k for k in resume_meta if saved.get(k) != resume_meta[k]]
+        if diff:
+            raise TrainError(
+                f"{found.path} was made with different settings "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {resume_meta[k]!r})" for k in diff)
+                + "; restore them, or start over with --fresh")
+        set_peft_model_state_dict(model, load_file(os.path.join(found.path, "lora.safetensors")))
+        optimizer.load_state_dict(torch.load(os.path.join(found.path, "optimizer.pt"),
+                                             weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(found.path, "scheduler.pt"),
+                                             weights_only=True))
+        rng = torch.load(os.path.join(found.path, "rng.pt"), weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        start = found.step
+        rep.say(f"resuming from {found.path} (step {start})")
+        break
+
+    def save_checkpoint(step: int) -> None:
+        rep.phase("saving", f"checkpoint at step {step}")
+        epoch, pos = p.epoch_of(step * cfg.gradient_accumulation_steps)
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        lora_sd = {k: v.detach().float().cpu().contiguous()
+                   for k, v in get_peft_model_state_dict(model).items()}
+        path = ckpt.save(ckpt_root, step, {
+            "lora.safetensors": lambda f: save_file(lora_sd, f),
+            "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
+            "scheduler.pt": lambda f: torch.save(scheduler.state_dict(), f),
+            "rng.pt": lambda f: torch.save(rng, f),
+        }, {"resume": resume_meta, "epoch": epoch, "batch_in_epoch": pos,
+            "total_steps": p.total_steps, "name": name})
+        ckpt.prune(ckpt_root, cfg.save_last_n_checkpoints)
+        rep.checkpoint(path, step)
+
+    def save_sample(step: int) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        rep.phase("sampling", f"{len(cfg.sample_prompts)} prompt(s) at step {step}")
+        vae.to(device)
+        sampler = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                               text_encoder=None, tokenizer=None, text_encoder_2=None,
+                               tokenizer_2=None, transformer=model)
+        sampler.set_progress_bar_config(disable=True)
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with torch.no_grad():
+            for i, prompt in enumerate(cfg.sample_prompts):
+                emb = texts[prompt]
+                image = sampler(prompt_embeds=emb["prompt_embeds"][None].to(device, dtype),
+                                pooled_prompt_embeds=emb["pooled"][None].to(device, dtype),
+                                height=cfg.resolution, width=cfg.resolution,
+                                num_inference_steps=cfg.sample_steps,
+                                guidance_scale=cfg.sample_guidance_scale,
+                                generator=torch.Generator().manual_seed(cfg.seed + i),
+                                ).images[0]
+                path = os.path.join(out, "samples", f"step-{step:08d}-{i:02d}.png")
+                image.save(path)
+                rep.sample(path, step)
+        vae.to("cpu")
+        rep.send("phase", phase="training")
+
+    # --- train ------------------------------------------------------------------------
+    accum = cfg.gradient_accumulation_steps
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def batch_at(micro: int) -> list[int]:
+        epoch, pos = p.epoch_of(micro)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(bucket_of, cfg.num_repeats, cfg.train_batch_size,
+                                               cfg.seed, epoch)
+        return epoch_cache[epoch][pos]
+
+    rep.phase("training", f"steps {start}..{p.total_steps}, {n_batches} batches per epoch")
+    rep.start_bar(start, p.total_steps)
+    transformer.train()
+    last_saved = start
+    step = start
+    while step < p.total_steps:
+        if stop:
+            break
+        t0 = time.perf_counter()
+        total_loss = 0.0
+        for k in range(accum):
+            micro = step * accum + k
+            idx = batch_at(micro)
+            g = torch.Generator().manual_seed(step_seed(cfg.seed, micro))
+            lat = torch.stack([latents[i] for i in idx])
+            emb = torch.stack([texts[items[i].caption]["prompt_embeds"] for i in idx])
+            pooled = torch.stack([texts[items[i].caption]["pooled"] for i in idx])
+            with accelerator.autocast():
+                loss = flux.flow_matching_loss(transformer, lat, emb, pooled, cfg, g, device,
+                                               dtype)
+            accelerator.backward(loss / accum)
+            total_loss += loss.item() / accum
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        lr = scheduler.get_last_lr()[0]
+        rep.step(step, total_loss, lr, time.perf_counter() - t0, cfg.log_every_n_steps)
+        if not math.isfinite(total_loss):
+            raise TrainError(f"the loss became {total_loss} at step {step}; lower "
+                             "train.learning_rate or check the dataset")
+        epoch_done = (step * accum) // n_batches > ((step - 1) * accum) // n_batches
+        if (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0) or (
+                cfg.save_every_n_epochs and epoch_done
+                and ((step * accum) // n_batches) % cfg.save_every_n_epochs == 0):
+            save_checkpoint(step)
+            last_saved = step
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not stop:
+            save_sample(step)
+
+    if step < p.total_steps:  # stopped by a signal, at a step boundary
+        if step > last_saved or not ckpt.complete(ckpt_root):
+            save_checkpoint(step)
+        rep.say(f"stopped by {stop.requested} at step {step}; resumable (exit 75)")
+        return EXIT_INTERRUPTED
+    if step > last_saved or not ckpt.complete(ckpt_root):
+        save_checkpoint(step)  # the finished state: a rerun sees there is nothing left to do
+    rep.phase("saving", "the final LoRA")
+    path = save_lora(model, out, name, {
+        "base_model": cfg.pretrained_model, "network_dim": cfg.network_dim,
+        "network_alpha": cfg.network_alpha, "steps": step, "trigger_word": cfg.trigger_word,
+        "dataset_sha256": resume_meta["dataset_sha256"], "seed": cfg.seed,
+        "resolution": cfg.resolution, "learning_rate": cfg.learning_rate,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+    })
+    rep.say(f"finished: {path}")
+    rep.done()
+    return 0
