@@ -18,8 +18,8 @@ PRESETS = {
                                   num_attention_heads=2, joint_attention_dim=32,
                                   pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
                  text_dim=32, vae_channels=(16, 32)),
-    # ~50M parameters: for throughput and checkpoint-size benchmarks
-    "bench": dict(transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=64,
+    # ~48M parameters in the transformer: for throughput and checkpoint-size benchmarks
+    "bench": dict(transformer=dict(num_layers=2, num_single_layers=7, attention_head_dim=64,
                                    num_attention_heads=8, joint_attention_dim=256,
                                    pooled_projection_dim=256, axes_dims_rope=[16, 24, 24]),
                   text_dim=256, vae_channels=(16, 32)),
