@@ -81,16 +81,22 @@ def straight(tiny):
     return lora(train(tiny, "straight"), "straight")
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, straight):
-    rng = random.Random(SEED)
-    p, out = start(tiny, "killed")
+def signal_after_first_checkpoint(root: Path, name: str, sig: int, seed: int):
+    """Start a run, wait for its first checkpoint, then signal it at a random later moment
+    (up to ~15 steps on); return its exit status and output dir."""
+    p, out = start(root, name)
     try:
         wait_until(lambda: (out / "checkpoints" / "step-00000010" / "manifest.json").exists()
                    or p.poll() is not None, 120, what="the first checkpoint")
-        time.sleep(rng.uniform(0, 0.5))
-        p.send_signal(signal.SIGKILL)
+        time.sleep(random.Random(seed).uniform(0, 0.5))
+        p.send_signal(sig)
     finally:
         rc = finish(p)
+    return rc, out
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, straight):
+    rc, out = signal_after_first_checkpoint(tiny, "killed", signal.SIGKILL, SEED)
     assert rc == -signal.SIGKILL, f"the run ended by itself (seed {SEED})"
     out = train(tiny, "killed")
     assert "resuming from" in (out / "stderr.log").read_text()
@@ -98,15 +104,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, straight):
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_bit_identical(tiny, straight):
-    rng = random.Random(SEED + 1)
-    p, out = start(tiny, "termed")
-    try:
-        wait_until(lambda: (out / "checkpoints" / "step-00000010" / "manifest.json").exists()
-                   or p.poll() is not None, 120, what="the first checkpoint")
-        time.sleep(rng.uniform(0, 0.5))
-        p.send_signal(signal.SIGTERM)
-    finally:
-        rc = finish(p)
+    rc, out = signal_after_first_checkpoint(tiny, "termed", signal.SIGTERM, SEED + 1)
     log = (out / "stderr.log").read_text()
     assert rc == 75, log[-2000:]
     assert "stopped by SIGTERM at step" in log

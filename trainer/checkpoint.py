@@ -55,8 +55,6 @@ def _sha256(path: str) -> str:
 
 def save(root: str, step: int, writers: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write a checkpoint. `writers` maps file names to callables that write that file."""
-    import torch  # noqa: F401  (writers use it; imported here to keep this module light)
-
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
     tmp = os.path.join(root, f"{TMP_PREFIX}step-{step:08d}-{os.getpid()}")
