@@ -14,6 +14,7 @@ from typing import Any
 
 from .paths import default_dirs
 from .protocol import CONTROL_SOCKET, MAX_IPC_PATH
+from .watchdog import LIMIT_NAMES, Limits
 
 
 class ConfigError(Exception):
@@ -45,8 +46,12 @@ KEYS = [
     Key("logs", "max_bytes", int, 50 * 1024 * 1024, minimum=4096),
     Key("logs", "backups", int, 3, minimum=0),
     Key("logs", "memory_lines", int, 10000, minimum=100),
-    Key("watchdog", "kill_grace_s", float, 30.0, minimum=0),
+    Key("watchdog", "gpu_probe", str, "auto"),
+    Key("watchdog", "gpu_poll_s", float, 5.0, minimum=0.1),
 ]
+# The watchdog's thresholds: one source of names and defaults, watchdog.Limits.
+KEYS += [Key("watchdog", name, type(getattr(Limits(), name)), getattr(Limits(), name), minimum=0)
+         for name in LIMIT_NAMES]
 _BY_SECTION: dict[str, dict[str, Key]] = {}
 for _k in KEYS:
     _BY_SECTION.setdefault(_k.section, {})[_k.name] = _k
@@ -76,6 +81,9 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {full} must be at least {key.minimum}, got {value}")
     if full == "daemon.log_level" and value not in LOG_LEVELS:
         raise ConfigError(f"{where}: {full} must be one of {', '.join(LOG_LEVELS)}")
+    if full == "watchdog.gpu_probe" and value not in ("auto", "nvml", "none") \
+            and not value.startswith("file:"):
+        raise ConfigError(f"{where}: {full} must be auto, nvml, none or file:PATH")
     return value
 
 
@@ -117,8 +125,14 @@ class Config:
     log_max_bytes: int
     log_backups: int
     log_memory_lines: int
-    kill_grace_s: float
+    limits: Limits
+    gpu_probe: str
+    gpu_poll_s: float
     config_file: Path | None = None
+
+    @property
+    def kill_grace_s(self) -> float:
+        return self.limits.kill_grace_s
 
     @property
     def control_endpoint(self) -> str:
@@ -160,7 +174,9 @@ def load(
         log_max_bytes=values["logs.max_bytes"],
         log_backups=values["logs.backups"],
         log_memory_lines=values["logs.memory_lines"],
-        kill_grace_s=values["watchdog.kill_grace_s"],
+        limits=Limits(**{name: values[f"watchdog.{name}"] for name in LIMIT_NAMES}),
+        gpu_probe=values["watchdog.gpu_probe"],
+        gpu_poll_s=values["watchdog.gpu_poll_s"],
         config_file=Path(path) if path else None,
     )
     sock = str(cfg.runtime_dir / CONTROL_SOCKET)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import fcntl
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sqlite3
 import sys
@@ -31,17 +33,21 @@ from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
 from .protocol import (
     ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
-    EXIT_INTERRUPTED, PROGRESS_SOCKET, PROTOCOL_VERSION, TOPIC_PROGRESS, TOPIC_STATE,
+    PROGRESS_SOCKET, PROTOCOL_VERSION, TOPIC_PROGRESS, TOPIC_STATE,
     ErrorCode, FluxgymError, encode, log_topic,
 )
+from .probes import job_gpus, make_gpu_probe, oom_kills, process_reading
 from .server import ControlServer
 from .states import ACTIVE, FINISHED, JobState
 from .store import Store, StoreError
 from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
+from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
 
 log = logging.getLogger("fluxgymd")
 S = JobState
 FLUSH_INTERVAL_S = 1.0
+WATCH_INTERVAL_S = 0.25  # how often the watchdog looks: detection lags a limit by at most this
+STACK_DUMP_WAIT_S = 1.0  # after SIGUSR1, time for the child to write its stacks
 RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs -f`
 # The daemon's own systemd plumbing is not the child's business.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
@@ -63,6 +69,19 @@ class Run:
     pending: dict[str, Any] = field(default_factory=dict)  # progress not yet in the store
     metrics: list[tuple] = field(default_factory=list)
     last_line: str = ""
+    limits: Limits = field(default_factory=Limits)
+    watch: Watch | None = None
+    budget: Budget = field(default_factory=Budget)
+    stall: Stall | None = None  # set once the watchdog has judged this attempt stalled
+    gpus: list[int] | None = None
+    next_gpu_at: float = 0.0
+    oom_at_start: int | None = None
+
+
+def _progress_of(job: dict[str, Any]) -> int | None:
+    """How far a job has come for the no-progress breaker: its newest checkpoint, or for a
+    job that never reports one, its step."""
+    return job["checkpoint_step"] if job["checkpoint_step"] is not None else job["step"]
 
 
 def _one_line(text: str) -> str:
@@ -86,6 +105,8 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.runs: dict[int, Run] = {}
+        # jobs waiting out a restart backoff; they keep their slot in the queue
+        self.recovering: dict[int, asyncio.TimerHandle] = {}
         self.logs: collections.OrderedDict[int, JobLog] = collections.OrderedDict()
         self.stopping = False
         self.started_mono = time.monotonic()
@@ -131,6 +152,8 @@ class Daemon:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         self.pull.bind(self.progress_endpoint)
+        self.gpu = make_gpu_probe(cfg.gpu_probe)
+        log.info("GPU rule %s", self.gpu.describe())
 
     async def restore(self) -> None:
         """Decide what a previous daemon left behind: no active job survives a restart
@@ -161,6 +184,7 @@ class Daemon:
         self._spawn(self.control.serve())
         self._spawn(self._serve_progress())
         self._spawn(self._flush_loop())
+        self._spawn(self._watch_loop())
         log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent)",
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
                  self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
@@ -203,6 +227,11 @@ class Daemon:
                                timeout=min(left, 5.0))
         for r in active:
             await r.child.exited
+        for job_id, timer in list(self.recovering.items()):
+            timer.cancel()
+            del self.recovering[job_id]
+            self._transition(job_id, S.INTERRUPTED, "fluxgymd stopping during a restart backoff")
+            self._transition(job_id, S.QUEUED, "resumes when fluxgymd starts again")
         # let the exit handlers record every job before the store closes
         while self.runs:
             await asyncio.sleep(0.01)
@@ -243,7 +272,8 @@ class Daemon:
 
     # --- the queue ------------------------------------------------------------------
     def schedule(self) -> None:
-        while not self.stopping and len(self.runs) < self.cfg.max_concurrent_jobs:
+        while not self.stopping and \
+                len(self.runs) + len(self.recovering) < self.cfg.max_concurrent_jobs:
             nxt = self.store.next_queued(1)
             if not nxt:
                 return
@@ -303,10 +333,20 @@ class Daemon:
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
             return
+        run.limits = self._limits_for(job)
+        run.watch = Watch(run.limits, started=time.monotonic(), contract=spec["kind"] == "lora",
+                          gpu_available=self.gpu.available)
+        run.budget = Budget(restarts=job["restarts"], no_progress=job["no_progress"],
+                            progress_at_start=_progress_of(job))
+        run.gpus = job_gpus(env)
+        run.oom_at_start = oom_kills()
         self.runs[job_id] = run
         self._transition(job_id, S.RUNNING, f"attempt {attempt}: pid {run.child.pid}",
                          pid=run.child.pid, pid_started=run.child.create_time)
         self._spawn(self._watch(run))
+
+    def _limits_for(self, job: dict[str, Any]) -> Limits:
+        return self.cfg.limits.with_overrides(job["spec"].get("watchdog") or {})
 
     async def _watch(self, run: Run) -> None:
         result = await run.child.exited
@@ -320,26 +360,105 @@ class Daemon:
         self._flush_run(run)
         note = f" (killed {ex.leftovers} leftover process(es) of its group)" if ex.leftovers else ""
         run.log.write([f"=== fluxgymd: attempt {run.attempt} {ex.describe()}{note} ==="])
-        fields = {"exit_code": ex.code, "pid": None}
-        if run.cancel:
-            self._transition(run.job_id, S.CANCELLED, f"cancelled by user ({ex.describe()})",
-                             **fields)
-        elif ex.code == 0:
-            self._transition(run.job_id, S.SUCCEEDED, "exited with code 0", **fields)
-        elif self.stopping:
-            self._transition(run.job_id, S.INTERRUPTED, f"fluxgymd stopping; {ex.describe()}",
-                             **fields)
-            self._transition(run.job_id, S.QUEUED, "resumes when fluxgymd starts again")
-        elif ex.code == EXIT_INTERRUPTED:
-            self._transition(run.job_id, S.INTERRUPTED,
-                             "exited 75: interrupted with a checkpoint; `fluxgymctl retry` resumes",
-                             **fields)
+        job = self.store.get(run.job_id)
+        oom_now = oom_kills()
+        ending = Ending(
+            code=ex.code, signal=ex.signal, description=ex.describe(),
+            output_tail="\n".join(line for _, line in run.log.tail(60)),
+            oom_killed=None not in (oom_now, run.oom_at_start) and oom_now > run.oom_at_start,
+            stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
+            progress=_progress_of(job))
+        out = after_exit(ending, run.budget, run.limits)
+        if out.action in ("failed", "restart") and run.last_line and not run.stall \
+                and "exited" in out.reason:
+            reason = out.reason.replace(ex.describe(), f"{ex.describe()}: {run.last_line[:200]}", 1)
         else:
-            last = f": {run.last_line[:200]}" if run.last_line else ""
-            self._transition(run.job_id, S.FAILED, f"{ex.describe()}{last}", **fields)
+            reason = out.reason
+        fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
+                  "no_progress": out.budget.no_progress}
+        job_id = run.job_id
+        if out.action == "succeeded":
+            self._transition(job_id, S.SUCCEEDED, reason, **fields)
+        elif out.action == "cancelled":
+            self._transition(job_id, S.CANCELLED, reason, **fields)
+        elif out.action == "failed":
+            self._transition(job_id, S.FAILED, reason, **fields)
+        elif out.action == "interrupted":
+            self._transition(job_id, S.INTERRUPTED, reason, **fields)
+            self._transition(job_id, S.QUEUED, "resumes when fluxgymd starts again")
+        elif out.action == "resume":
+            self._transition(job_id, S.INTERRUPTED, reason, **fields)
+            self._transition(job_id, S.QUEUED, "resuming from its checkpoint")
+        else:  # restart after a backoff, keeping the job's slot
+            self._transition(job_id, S.RECOVERING, reason, **fields)
+            self.recovering[job_id] = asyncio.get_running_loop().call_later(
+                out.delay_s, self._restart, job_id)
+
+    def _restart(self, job_id: int) -> None:
+        self.recovering.pop(job_id, None)
+        if self.stopping:
+            return
+        job = self.store.get(job_id)
+        if job["state"] == S.RECOVERING.value:
+            self._start(job)
+        self.schedule()
+
+    # --- the watchdog -----------------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            for run in list(self.runs.values()):
+                if run.stall is not None or run.cancel or not run.child.running:
+                    continue
+                reading = process_reading(run.child.pid)
+                if reading is not None:
+                    run.watch.on_process(now, *reading)
+                if self.gpu.available and now >= run.next_gpu_at:
+                    run.watch.on_gpu(now, self.gpu.read(run.gpus))
+                    run.next_gpu_at = now + self.cfg.gpu_poll_s
+                stall = run.watch.check(now)
+                if stall is not None:
+                    run.stall = stall
+                    self._spawn(self._stop_stalled(run, stall))
+
+    async def _stop_stalled(self, run: Run, stall: Stall) -> None:
+        """Diagnostics first, then SIGTERM to the group, SIGKILL after the grace."""
+        self._flush_run(run)
+        self._transition(run.job_id, S.STALLED, stall.reason)
+        pid = run.child.pid
+        run.log.write([f"=== fluxgymd: stalled: {stall.reason}; capturing diagnostics ==="])
+        status = (process_reading(pid) or ("gone", 0))[0]
+        if shutil.which("py-spy"):
+            await self._py_spy_dump(run, pid)
+        if run.watch.contract:
+            # The contract's stack dump; a stopped process handles it once continued.
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+            if status == "stopped":
+                run.child.signal(signal.SIGCONT)
+            await asyncio.sleep(STACK_DUMP_WAIT_S)
+        run.log.write([f"=== fluxgymd: stopping attempt {run.attempt}: SIGTERM to its process "
+                       f"group, SIGKILL after {run.limits.kill_grace_s:g}s ==="])
+        await run.child.terminate(run.limits.kill_grace_s)
+
+    async def _py_spy_dump(self, run: Run, pid: int) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "py-spy", "dump", "--pid", str(pid), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 15)
+            run.log.write(["=== fluxgymd: py-spy dump ==="]
+                          + out.decode("utf-8", "replace").splitlines())
+        except (OSError, asyncio.TimeoutError) as e:
+            run.log.write([f"=== fluxgymd: py-spy dump failed: {e} ==="])
 
     # --- output and progress ----------------------------------------------------------
     def _on_output(self, run: Run, lines: list[str], pending: str) -> None:
+        if run.watch is not None:
+            run.watch.on_output(time.monotonic())
         if lines:
             first = run.log.write(lines)
             self._publish(log_topic(run.job_id),
@@ -366,10 +485,18 @@ class Daemon:
                 continue
             run = self.runs.get(ev["job"])
             if run is not None and ev.get("attempt", run.attempt) == run.attempt:
+                if run.watch is not None:
+                    run.watch.contract = True  # it speaks the contract: judge it by events
                 self._on_progress(run, ev)
 
     def _on_progress(self, run: Run, ev: dict[str, Any]) -> None:
         kind = ev["event"]
+        if run.watch is not None:
+            now = time.monotonic()
+            if kind == "step":
+                run.watch.on_step(now, ev["step"])
+            elif kind == "phase":
+                run.watch.on_phase(now, ev["phase"])
         if kind == "step":
             upd = {"step": ev["step"]}
             for src, dst in (("total", "total_steps"), ("loss", "loss"), ("lr", "lr"),
@@ -453,6 +580,15 @@ class Daemon:
         view["spec"] = job["spec"]
         view["events"] = self.store.events(job["id"], max(0, args["events"]))
         view["log_file"] = str(Path(job["output_dir"]) / "train.log")
+        limits = self._limits_for(job)
+        run = self.runs.get(job["id"])
+        view["watchdog"] = {
+            "gpu": self.gpu.describe(),
+            "restarts": f"{job['restarts']}/{limits.max_restarts}",
+            "no_progress": f"{job['no_progress']}/{limits.no_progress_restarts}",
+            "step_limit_s": run.watch.step_limit() if run and run.watch else limits.stall_floor_s,
+            "limits": dataclasses.asdict(limits),
+        }
         return view
 
     def op_cancel(self, args) -> dict[str, Any]:
@@ -470,7 +606,12 @@ class Daemon:
         if state in FINISHED:
             raise FluxgymError(ErrorCode.INVALID_STATE,
                                f"job {job['id']} ({job['name']}) is already {state.value}")
-        return job_view(self._transition(job["id"], S.CANCELLED, "cancelled by user"))
+        timer = self.recovering.pop(job["id"], None)
+        if timer is not None:
+            timer.cancel()
+        job = self._transition(job["id"], S.CANCELLED, "cancelled by user")
+        self.schedule()
+        return job_view(job)
 
     def op_retry(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
@@ -486,7 +627,7 @@ class Daemon:
                                f"job {job['id']} ({job['name']}) is {state.value}; only failed, "
                                "cancelled or interrupted jobs can be retried")
         job = self._transition(job["id"], S.QUEUED, "retry requested by user",
-                               cancel_requested=0)
+                               cancel_requested=0, restarts=0, no_progress=0)
         self.schedule()
         return job_view(self.store.get(job["id"]))
 

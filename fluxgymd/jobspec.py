@@ -16,6 +16,7 @@ from typing import Any
 from trainer import config as train_config
 
 from .protocol import ErrorCode, FluxgymError
+from .watchdog import LIMIT_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 KINDS = ("command", "lora")
@@ -25,7 +26,7 @@ SECTIONS = {
     "job": {"name": str, "kind": str, "description": str},
     "command": {"argv": list, "env": dict, "cwd": str, "progress": str},
     "train": None,  # the trainer validates its own keys
-    "watchdog": {"kill_grace_s": (int, float)},
+    "watchdog": {name: (int, float) for name in LIMIT_NAMES},
 }
 
 
@@ -92,6 +93,10 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> 
     elif kind not in KINDS:
         errors.append(f"job.kind {kind!r} is unknown; use one of: {', '.join(KINDS)}")
 
+    for key, value in (data.get("watchdog") or {}).items() if isinstance(
+            data.get("watchdog"), dict) else []:
+        if key in LIMIT_NAMES and isinstance(value, (int, float)) and value < 0:
+            errors.append(f"watchdog.{key} must be 0 or more, got {value}")
     spec: dict[str, Any] = {
         "name": name,
         "kind": kind,

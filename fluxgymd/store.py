@@ -67,6 +67,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX metrics_job ON metrics(job_id, step);
     """,
+    # 2: the watchdog's no-progress breaker survives a daemon restart
+    """
+    ALTER TABLE jobs ADD COLUMN no_progress INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -75,7 +79,7 @@ UPDATABLE = frozenset(
     {
         "pid", "pid_started", "phase", "step", "total_steps", "loss", "lr",
         "seconds_per_step", "checkpoint", "checkpoint_step", "exit_code",
-        "cancel_requested", "attempts", "restarts", "started_at",
+        "cancel_requested", "attempts", "restarts", "no_progress", "started_at",
     }
 )
 

@@ -60,7 +60,11 @@ def daemon_factory(short_tmp):
 
 @pytest.fixture
 def daemon(daemon_factory):
-    return daemon_factory(watchdog__kill_grace_s=3.0).start()
+    return daemon_factory(**FAST).start()
+
+
+# Short watchdog times so restarts and give-ups happen within a test's patience.
+FAST = {"watchdog__kill_grace_s": 3.0, "watchdog__backoff_s": 0.2, "watchdog__backoff_max_s": 1.0}
 
 
 @pytest.fixture(scope="session")

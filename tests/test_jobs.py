@@ -51,16 +51,18 @@ def test_stable_json_fields(daemon, short_tmp):
 
 
 def test_failed_job_says_why(daemon, short_tmp):
-    f = write_job(short_tmp, "boom", [PY, "-c", "import sys; print('bad things'); sys.exit(3)"])
+    f = write_job(short_tmp, "boom", [PY, "-c", "import sys; print('bad things'); sys.exit(3)"],
+                  watchdog={"max_restarts": 0})
     r = daemon.ctl("submit", str(f), "--wait")
     assert r.returncode == 1
     job = daemon.job("boom")
     assert job["state"] == "failed" and job["exit_code"] == 3
-    assert job["reason"] == "exited with code 3: bad things"
+    assert job["reason"] == "exited with code 3: bad things (not restarted: max_restarts = 0)"
 
 
 def test_job_killed_by_a_signal_is_failed_with_the_signal_name(daemon, short_tmp):
-    f = write_job(short_tmp, "segv", [PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    f = write_job(short_tmp, "segv", [PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
+                  watchdog={"max_restarts": 0})
     daemon.submit(f)
     job = daemon.wait_state("segv", "failed")
     assert job["reason"].startswith("killed by SIGSEGV")
