@@ -432,16 +432,19 @@ class Daemon:
         if shutil.which("py-spy"):
             await self._py_spy_dump(run, pid)
         if run.watch.contract:
-            # The contract's stack dump; a stopped process handles it once continued.
-            try:
+            try:  # the contract's stack dump, from the job's main process
                 os.kill(pid, signal.SIGUSR1)
             except OSError:
                 pass
-            if status == "stopped":
-                run.child.signal(signal.SIGCONT)
-            await asyncio.sleep(STACK_DUMP_WAIT_S)
         run.log.write([f"=== fluxgymd: stopping attempt {run.attempt}: SIGTERM to its process "
                        f"group, SIGKILL after {run.limits.kill_grace_s:g}s ==="])
+        if status == "stopped":
+            # A stopped process takes its signals when continued: the stack dump and the
+            # SIGTERM both, so it cannot slip back into training in between.
+            run.child.signal(signal.SIGTERM)
+            run.child.signal(signal.SIGCONT)
+        elif run.watch.contract:
+            await asyncio.sleep(STACK_DUMP_WAIT_S)
         await run.child.terminate(run.limits.kill_grace_s)
 
     async def _py_spy_dump(self, run: Run, pid: int) -> None:

@@ -78,3 +78,19 @@ def tiny(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "trainer.tiny", "--dataset", str(root / "data")],
                    check=True, env=env, capture_output=True, timeout=60)
     return root
+
+
+@pytest.fixture(scope="session")
+def straight(tiny):
+    """The LoRA of an uninterrupted run of the shared tiny job: what every interrupted,
+    killed or recovered run must reproduce bit for bit."""
+    from tinylora import job_file, lora
+
+    out = tiny / "out" / "straight"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stderr.log", "wb") as log:
+        rc = subprocess.run([sys.executable, "-m", "trainer", str(job_file(tiny, "straight")),
+                             "--output-dir", str(out)], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300).returncode
+    assert rc == 0, (out / "stderr.log").read_text()[-3000:]
+    return lora(out, "straight")

@@ -12,29 +12,15 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-import tomli_w
 
 from fluxgymd.testing import wait_until
+from tinylora import STEPS, assert_identical, job_file, lora
 
 PY = sys.executable
-STEPS = 40  # 2T, with a checkpoint every T/2
 SEED = int(os.environ.get("FLUXGYM_TEST_SEED", time.time_ns() % 10_000))
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLUXGYM_")}
 ENV["HF_HUB_OFFLINE"] = "1"
 # the `tiny` fixture (a tiny Flux and a dataset, made once per session) is in conftest.py
-
-
-def job_file(root: Path, name: str, **train) -> Path:
-    section = dict(pretrained_model=str(root / "model"), dataset_dir=str(root / "data"),
-                   trigger_word="fgx", resolution=64, max_train_steps=STEPS, num_repeats=2,
-                   train_batch_size=2, learning_rate=1e-3, network_dim=4, network_alpha=2.0,
-                   save_every_n_steps=10, save_every_n_epochs=0, t5xxl_max_token_length=32,
-                   log_every_n_steps=1)
-    section.update(train)
-    path = root / f"{name}.toml"
-    path.write_text(tomli_w.dumps({"job": {"name": name, "kind": "lora"}, "train": section}))
-    return path
 
 
 def start(root: Path, name: str, env_extra=None, **train) -> tuple[subprocess.Popen, Path]:
@@ -62,23 +48,6 @@ def train(root: Path, name: str, **kw) -> Path:
     rc = finish(p)
     assert rc == 0, (out / "stderr.log").read_text()[-3000:]
     return out
-
-
-def lora(out: Path, name: str):
-    from safetensors.torch import load_file
-    return load_file(str(out / f"{name}.safetensors"))
-
-
-def assert_identical(a, b):
-    import torch
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture(scope="session")
-def straight(tiny):
-    return lora(train(tiny, "straight"), "straight")
 
 
 def signal_after_first_checkpoint(root: Path, name: str, sig: int, seed: int):

@@ -260,6 +260,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
                 and ((step * accum) // n_batches) % cfg.save_every_n_epochs == 0):
             save_checkpoint(step)
             last_saved = step
+            rep.send("phase", phase="training")  # back to steps: the step limit applies again
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not stop:
             save_sample(step)
 
