@@ -180,6 +180,10 @@ def show(ctx: Ctx, job: str) -> None:
         ("started", render.when(j["started_at"])),
         ("finished", render.when(j["finished_at"])),
         ("elapsed / eta", f"{render.duration(j['elapsed_s'])} / {render.duration(j['eta_s'])}"),
+        ("watchdog", f"restarts {j['watchdog']['restarts']}, no-progress "
+                     f"{j['watchdog']['no_progress']}, step limit "
+                     f"{render.duration(j['watchdog']['step_limit_s'])}"),
+        ("GPU rule", j["watchdog"]["gpu"]),
         ("output dir", j["output_dir"]),
         ("log", j["log_file"]),
     ])

@@ -37,7 +37,7 @@ class Limits:
     dstate_limit_s: float = 600.0  # uninterruptible sleep (D) this long is a stall
     max_rss_mb: float = 0.0  # 0: no memory limit
     kill_grace_s: float = 30.0  # SIGTERM, then SIGKILL after this
-    backoff_s: float = 10.0  # first restart delay, doubled each restart ...
+    backoff_s: float = 1.0  # first restart delay, doubled each restart ...
     backoff_max_s: float = 300.0  # ... up to this
     max_restarts: int = 5
     no_progress_restarts: int = 3  # this many restarts in a row without a newer checkpoint

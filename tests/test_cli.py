@@ -122,3 +122,11 @@ def test_follow_json_lines_are_numbered(daemon, short_tmp):
                "--wait", check=True)
     r = daemon.ctl("logs", "-f", "num", "--json", "-n", "0", check=True)
     assert r.stdout == ""  # finished job, zero lines asked: nothing, and it returns
+
+
+def test_show_says_whether_the_gpu_rule_is_on(daemon, short_tmp):
+    daemon.ctl("submit", str(write_job(short_tmp, "g", ["true"])), "--wait", check=True)
+    out = daemon.ctl("show", "g", check=True).stdout
+    # these machines have no NVIDIA driver: the rule is off, and show says why
+    assert "GPU rule" in out and "off: NVML is not available" in out
+    assert "restarts 0/5, no-progress 0/3, step limit 2m00s" in out

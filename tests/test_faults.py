@@ -61,9 +61,11 @@ def test_a_frozen_trainer_is_detected_dumped_and_resumed(daemon, tiny, straight)
     frozen_at = time.monotonic()
     stalled = daemon.wait_state("frozen", ["stalled", "recovering"], timeout=30)
     detected = time.monotonic() - frozen_at
-    assert detected < 3.0 * 1.1 + 1.0, f"took {detected:.1f}s for a 3 s limit"
-    assert "no step for 3s since step" in stalled["reason"] or "no step for 4s" in \
-        stalled["reason"]
+    # the limit is max(3 s, 5 x the slowest recent step): more than 3 s on a loaded machine
+    m = re.search(r"no step for (\d+)s since step \d+ \(limit (\d+)s\)", stalled["reason"])
+    assert m, stalled["reason"]
+    limit = float(m.group(2))
+    assert limit >= 3 and detected < limit * 1.1 + 1.0, f"took {detected:.1f}s, limit {limit}"
     j = daemon.wait_state("frozen", "succeeded", timeout=240)
     assert j["restarts"] == 1
     log = (daemon.outputs_dir / "frozen" / "train.log").read_text()

@@ -2,7 +2,7 @@
 import signal
 import socket
 
-from fluxgymd.testing import write_job
+from fluxgymd.testing import PY, wait_until, write_job
 
 
 def read_all(sock, until: str, timeout: float = 10.0) -> list[str]:
@@ -36,3 +36,27 @@ def test_ready_status_and_stopping(daemon_factory, short_tmp):
 def test_no_notify_socket_is_a_quiet_no_op(daemon):
     # the fixture's daemon runs without NOTIFY_SOCKET: it must start and answer all the same
     assert daemon.call("ping")["summary"] == "idle"
+
+
+SLOW_EXIT = ("import signal, sys, time\n"
+             "def bye(*_):\n    time.sleep(2); sys.exit(75)\n"
+             "signal.signal(signal.SIGTERM, bye)\nprint('up', flush=True)\ntime.sleep(600)")
+
+
+def test_stopping_extends_systemds_timeout_while_jobs_checkpoint(daemon_factory, short_tmp):
+    path = short_tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        d = daemon_factory(watchdog__kill_grace_s=20.0)
+        d.extra_env = {"NOTIFY_SOCKET": str(path)}
+        d.start()
+        d.submit(write_job(short_tmp, "slow", [PY, "-c", SLOW_EXIT]))
+        wait_until(lambda: "up" in d.call("logs", job="slow")["lines"])
+        d.proc.send_signal(signal.SIGTERM)
+        msgs = read_all(sock, "EXTEND_TIMEOUT_USEC=")
+        usec = int([m for m in msgs if "EXTEND_TIMEOUT_USEC=" in m][0].split("=")[1])
+        assert 5_000_000 <= usec <= 10_000_000
+        assert d.stop(timeout=30) == 0
+    finally:
+        sock.close()
