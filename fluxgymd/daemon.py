@@ -424,6 +424,8 @@ class Daemon:
 
     async def _stop_stalled(self, run: Run, stall: Stall) -> None:
         """Diagnostics first, then SIGTERM to the group, SIGKILL after the grace."""
+        if not run.child.running:
+            return  # it ended on its own meanwhile; _on_exit has judged it
         self._flush_run(run)
         self._transition(run.job_id, S.STALLED, stall.reason)
         pid = run.child.pid
