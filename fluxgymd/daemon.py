@@ -185,6 +185,9 @@ class Daemon:
         self._spawn(self._serve_progress())
         self._spawn(self._flush_loop())
         self._spawn(self._watch_loop())
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._spawn(self._watchdog_pings(interval))
         log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent)",
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
                  self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
@@ -402,6 +405,13 @@ class Daemon:
         if job["state"] == S.RECOVERING.value:
             self._start(job)
         self.schedule()
+
+    async def _watchdog_pings(self, interval: float) -> None:
+        """WATCHDOG=1 from a task on the loop itself: a loop wedged by a blocking call stops
+        pinging, and systemd kills and restarts us as it should."""
+        while True:
+            self.notifier.ping()
+            await asyncio.sleep(interval)
 
     # --- the watchdog -----------------------------------------------------------------
     async def _watch_loop(self) -> None:

@@ -31,6 +31,20 @@ class Notifier:
     def stopping(self, status: str = "stopping") -> None:
         self.send(stopping=1, status=status)
 
+    def watchdog_interval(self) -> float | None:
+        """Half of systemd's WatchdogSec, when it watches this very process; else None."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not self.enabled or not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2 / 1_000_000
+        except ValueError:
+            return None
+
+    def ping(self) -> None:
+        self.send(watchdog=1)
+
     def extend_timeout(self, seconds: float) -> None:
         self.send(extend_timeout_usec=int(seconds * 1_000_000))
 

@@ -164,14 +164,14 @@ PHASES = textwrap.dedent("""
     s.connect(os.environ["FLUXGYM_PROGRESS_ENDPOINT"])
     def send(**kw):
         s.send(json.dumps(dict(kw, job=os.environ["FLUXGYM_JOB_ID"])).encode(), zmq.NOBLOCK)
-    send(event="phase", phase="loading"); time.sleep(2.5)        # a long model load
+    send(event="phase", phase="loading"); time.sleep(3.0)        # a long model load
     send(event="phase", phase="training")
     for i in range(1, 6):
-        send(event="step", step=i, total=10); time.sleep(0.1)
-    send(event="phase", phase="saving"); time.sleep(2.5)         # a long checkpoint write
+        send(event="step", step=i, total=10); time.sleep(0.05)
+    send(event="phase", phase="saving"); time.sleep(3.0)         # a long checkpoint write
     send(event="phase", phase="training")
     for i in range(6, 11):
-        send(event="step", step=i, total=10); time.sleep(0.1)
+        send(event="step", step=i, total=10); time.sleep(0.05)
     send(event="done")
 """)
 
@@ -180,7 +180,7 @@ def test_an_idle_gpu_during_a_long_load_or_checkpoint_is_not_a_stall(daemon_fact
                                                                      short_tmp):
     d, reading = gpu_daemon(daemon_factory, short_tmp)  # reads 0 % throughout
     d.submit(write_job(short_tmp, "phases", [PY, "-c", PHASES],
-                       watchdog={"gpu_idle_window_s": 1.0, "stall_floor_s": 1.0}))
+                       watchdog={"gpu_idle_window_s": 2.0, "stall_floor_s": 2.0}))
     j = d.wait_state("phases", "succeeded", timeout=60)
     assert j["attempts"] == 1 and j["step"] == 10
     assert "stalled" not in [s for s, _ in history(d, "phases")]

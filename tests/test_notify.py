@@ -60,3 +60,57 @@ def test_stopping_extends_systemds_timeout_while_jobs_checkpoint(daemon_factory,
         assert d.stop(timeout=30) == 0
     finally:
         sock.close()
+
+
+def test_watchdog_pings_while_the_loop_turns_and_stop_when_it_is_frozen(daemon_factory,
+                                                                       short_tmp):
+    path = short_tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        d = daemon_factory()
+        d.extra_env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+        d.start()
+        read_all(sock, "READY=1")
+        pings = read_all(sock, "WATCHDOG=1", timeout=2)
+        assert pings[-1] == "WATCHDOG=1"
+        d.proc.send_signal(signal.SIGSTOP)  # a wedged daemon: no loop, no pings
+        try:
+            sock.settimeout(1.0)
+            while True:  # drain what was already queued
+                try:
+                    sock.recv(4096)
+                except TimeoutError:
+                    break
+            sock.settimeout(1.0)
+            try:
+                got = sock.recv(4096)
+            except TimeoutError:
+                got = None
+            assert got is None, f"a frozen daemon sent {got!r}"
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        assert read_all(sock, "WATCHDOG=1", timeout=2)
+    finally:
+        sock.close()
+
+
+def test_no_pings_for_another_process_watchdog(daemon_factory, short_tmp):
+    path = short_tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        d = daemon_factory()
+        d.extra_env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000",
+                       "WATCHDOG_PID": "1"}
+        d.start()
+        msgs = read_all(sock, "READY=1")
+        sock.settimeout(1.0)
+        try:
+            while True:
+                msgs.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert not any("WATCHDOG=1" in m for m in msgs)
+    finally:
+        sock.close()
