@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .config import ConfigError, load
+from .journal import Journal, JournalHandler, wanted
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,8 +27,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup_logging(level: str) -> None:
-    # Under systemd, journald adds the time and our name itself.
+def setup_logging(level: str, journal) -> None:
+    if journal is not None:
+        # journald keeps time, priority and our name; stderr would only duplicate entries
+        handler = JournalHandler(journal)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+        return
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
@@ -45,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fluxgymd: configuration error: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
+    journal = Journal(cfg.journal_socket) if wanted(cfg.journal, cfg.journal_socket) else None
+    setup_logging(cfg.log_level, journal)
     from .daemon import run_daemon  # after logging, so import-time messages are formatted
 
     try:
-        return run_daemon(cfg)
+        return run_daemon(cfg, journal)
     except OSError as e:
         logging.getLogger("fluxgymd").error("cannot start: %s", e)
         return 1

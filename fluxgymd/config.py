@@ -43,6 +43,8 @@ KEYS = [
     Key("daemon", "outputs_dir", str, ""),
     Key("daemon", "max_concurrent_jobs", int, 1, minimum=1),
     Key("daemon", "log_level", str, "info"),
+    Key("daemon", "journal", str, "auto"),
+    Key("daemon", "journal_socket", str, "/run/systemd/journal/socket"),
     Key("logs", "max_bytes", int, 50 * 1024 * 1024, minimum=4096),
     Key("logs", "backups", int, 3, minimum=0),
     Key("logs", "memory_lines", int, 10000, minimum=100),
@@ -81,6 +83,8 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {full} must be at least {key.minimum}, got {value}")
     if full == "daemon.log_level" and value not in LOG_LEVELS:
         raise ConfigError(f"{where}: {full} must be one of {', '.join(LOG_LEVELS)}")
+    if full == "daemon.journal" and value not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: {full} must be auto, on or off")
     if full == "watchdog.gpu_probe" and value not in ("auto", "nvml", "none") \
             and not value.startswith("file:"):
         raise ConfigError(f"{where}: {full} must be auto, nvml, none or file:PATH")
@@ -122,6 +126,8 @@ class Config:
     outputs_dir: Path
     max_concurrent_jobs: int
     log_level: str
+    journal: str
+    journal_socket: str
     log_max_bytes: int
     log_backups: int
     log_memory_lines: int
@@ -171,6 +177,8 @@ def load(
         **resolved,
         max_concurrent_jobs=values["daemon.max_concurrent_jobs"],
         log_level=values["daemon.log_level"],
+        journal=values["daemon.journal"],
+        journal_socket=values["daemon.journal_socket"],
         log_max_bytes=values["logs.max_bytes"],
         log_backups=values["logs.backups"],
         log_memory_lines=values["logs.memory_lines"],

@@ -29,6 +29,7 @@ import zmq.asyncio
 from . import __version__, jobspec
 from .config import Config
 from .joblog import JobLog, read_tail
+from .journal import Journal, JobLines
 from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
 from .protocol import (
@@ -76,6 +77,7 @@ class Run:
     gpus: list[int] | None = None
     next_gpu_at: float = 0.0
     oom_at_start: int | None = None
+    journal: JobLines | None = None  # this attempt's lines to journald, when it is on
 
 
 def _progress_of(job: dict[str, Any]) -> int | None:
@@ -102,8 +104,9 @@ def job_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, journal: Journal | None = None):
         self.cfg = cfg
+        self.journal = journal
         self.runs: dict[int, Run] = {}
         # jobs waiting out a restart backoff; they keep their slot in the queue
         self.recovering: dict[int, asyncio.TimerHandle] = {}
@@ -255,7 +258,8 @@ class Daemon:
     # --- state changes --------------------------------------------------------------
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
         job = self.store.transition(job_id, new, reason, **fields)
-        log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason)
+        log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
+                 extra={"job_id": job_id})
         self._announce(job)
         return job
 
@@ -328,10 +332,13 @@ class Daemon:
         spec = job["spec"]
         run = Run(job_id, attempt, self._job_log(job),
                   parse_tqdm=spec["kind"] == "command" and spec["command"]["progress"] == "tqdm")
+        if self.journal is not None:
+            run.journal = JobLines(self.journal, job_id, job["name"], attempt)
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {_one_line(shlex.join(argv))} ==="])
         try:
-            run.child = Child(argv, env, cwd, lambda lines, pending: self._on_output(run, lines, pending))
+            run.child = Child(argv, env, cwd, lambda lines, pending, stream:
+                              self._on_output(run, lines, pending, stream))
         except SpawnError as e:
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
@@ -471,9 +478,11 @@ class Daemon:
             run.log.write([f"=== fluxgymd: py-spy dump failed: {e} ==="])
 
     # --- output and progress ----------------------------------------------------------
-    def _on_output(self, run: Run, lines: list[str], pending: str) -> None:
+    def _on_output(self, run: Run, lines: list[str], pending: str, stream: str) -> None:
         if run.watch is not None:
             run.watch.on_output(time.monotonic())
+        if lines and run.journal is not None:
+            run.journal.lines(lines, stream)
         if lines:
             first = run.log.write(lines)
             self._publish(log_topic(run.job_id),
@@ -666,8 +675,8 @@ class Daemon:
         return {"job": job["id"], "metrics": self.store.metrics(job["id"], args["limit"])}
 
 
-def run_daemon(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+def run_daemon(cfg: Config, journal: Journal | None = None) -> int:
+    daemon = Daemon(cfg, journal)
     try:
         daemon.open()
     except AlreadyRunning as e:

@@ -49,15 +49,16 @@ class Exit:
 
 
 class Child:
-    """One running process group. `on_output(lines, pending)` gets each batch of complete
-    output lines and the unfinished line after them (a bar mid-redraw)."""
+    """One running process group. `on_output(lines, pending, stream)` gets each batch of
+    complete output lines, the unfinished line after them (a bar mid-redraw), and the stream
+    ("stdout" or "stderr") they came from."""
 
     def __init__(
         self,
         argv: list[str],
         env: dict[str, str],
         cwd: str | None,
-        on_output: Callable[[list[str], str], None],
+        on_output: Callable[[list[str], str, str], None],
     ):
         self.argv = argv
         self.on_output = on_output
@@ -79,7 +80,7 @@ class Child:
         self.exited: asyncio.Future[Exit] = self._loop.create_future()
         self._open_pipes = 0
         self._pipes_closed = asyncio.Event()
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for stream, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             try:  # a roomier pipe: a chatty child blocks less and we wake up less often
@@ -88,12 +89,12 @@ class Child:
                 pass
             splitter = LineSplitter()
             self._open_pipes += 1
-            self._loop.add_reader(fd, self._read, pipe, splitter)
+            self._loop.add_reader(fd, self._read, pipe, splitter, stream)
         self._pidfd = os.pidfd_open(self.pid)
         self._loop.add_reader(self._pidfd, self._on_pidfd)
 
     # --- output ----------------------------------------------------------------------
-    def _read(self, pipe, splitter: LineSplitter) -> None:
+    def _read(self, pipe, splitter: LineSplitter, stream: str) -> None:
         fd = pipe.fileno()
         try:
             data = os.read(fd, READ_CHUNK)
@@ -107,20 +108,20 @@ class Child:
                 # Let output gather for a moment: a child printing line by line would
                 # otherwise wake us per line, and pay for it in its own speed.
                 self._loop.remove_reader(fd)
-                self._loop.call_later(BATCH_WINDOW_S, self._rearm, pipe, splitter)
+                self._loop.call_later(BATCH_WINDOW_S, self._rearm, pipe, splitter, stream)
         else:
             lines = splitter.close()
             self._close_pipe(pipe)
         pending = splitter.pending if data else ""
         if lines or pending:
             try:
-                self.on_output(lines, pending)
+                self.on_output(lines, pending, stream)
             except Exception:  # a sink's bug must not stop us reading the pipe
                 log.exception("output handler failed for pid %s", self.pid)
 
-    def _rearm(self, pipe, splitter: LineSplitter) -> None:
+    def _rearm(self, pipe, splitter: LineSplitter, stream: str) -> None:
         if not pipe.closed:
-            self._loop.add_reader(pipe.fileno(), self._read, pipe, splitter)
+            self._loop.add_reader(pipe.fileno(), self._read, pipe, splitter, stream)
 
     def _close_pipe(self, pipe) -> None:
         if pipe.closed:
@@ -162,7 +163,7 @@ class Child:
         except asyncio.TimeoutError:
             log.warning("pid %s: output pipes still open %.0fs after exit; closing them",
                         self.pid, PIPE_DRAIN_S)
-            for pipe in (self.proc.stdout, self.proc.stderr):
+            for stream, pipe in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
                 self._close_pipe(pipe)
         if not self.exited.done():
             self.exited.set_result(result)
