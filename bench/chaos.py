@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import daemon, lora_job, tiny_flux, wait_for
+from common import daemon, lora_job, tiny_flux
 
 
 def run_job(d, root, name, args, chaos: bool, rng) -> tuple[float, int, int]:

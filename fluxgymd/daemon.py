@@ -59,6 +59,10 @@ class AlreadyRunning(Exception):
     pass
 
 
+class UnsafeRuntimeDir(Exception):
+    pass
+
+
 @dataclass
 class Run:
     job_id: int
@@ -137,6 +141,13 @@ class Daemon:
     def open(self) -> None:
         cfg = self.cfg
         cfg.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = cfg.runtime_dir.stat().st_mode
+        if mode & 0o002:
+            # anyone could replace our sockets, or reach one and run code as us
+            raise UnsafeRuntimeDir(
+                f"runtime dir {cfg.runtime_dir} is writable by everyone "
+                f"(mode {mode & 0o7777:o}); use a private one (chmod 750 or 700), e.g. "
+                f"--runtime-dir {cfg.runtime_dir}/fluxgymd")
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         cfg.outputs_dir.mkdir(parents=True, exist_ok=True)
         # Lock before binding: a second bind on an ipc path silently steals it.
@@ -679,7 +690,7 @@ def run_daemon(cfg: Config, journal: Journal | None = None) -> int:
     daemon = Daemon(cfg, journal)
     try:
         daemon.open()
-    except AlreadyRunning as e:
+    except (AlreadyRunning, UnsafeRuntimeDir) as e:
         log.error("%s", e)
         return 1
     except (StoreError, sqlite3.DatabaseError) as e:

@@ -108,3 +108,17 @@ def test_a_corrupt_database_is_refused_with_advice(short_tmp):
     assert r.returncode == 1
     assert "cannot be used" in r.stderr and "move it aside" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_world_writable_runtime_dir_is_refused(short_tmp):
+    run = short_tmp / "shared"
+    run.mkdir()
+    run.chmod(0o777)
+    r = subprocess.run(
+        [sys.executable, "-m", "fluxgymd", "--runtime-dir", str(run), "--state-dir",
+         str(short_tmp / "state"), "--outputs-dir", str(short_tmp / "out")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1
+    assert "is writable by everyone" in r.stderr and "chmod 750" in r.stderr
+    assert not (run / "control.sock").exists()
