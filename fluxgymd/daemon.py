@@ -33,7 +33,7 @@ from .journal import Journal, JobLines
 from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
 from .protocol import (
-    ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
+    CONTROL_SOCKET, ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
     PROGRESS_SOCKET, PROTOCOL_VERSION, TOPIC_PROGRESS, TOPIC_STATE,
     ErrorCode, FluxgymError, encode, log_topic,
 )
@@ -166,6 +166,11 @@ class Daemon:
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         self.pull.bind(self.progress_endpoint)
+        # Who may connect is decided by the runtime dir (0750: root and the service group);
+        # the sockets themselves are group-writable so that group can, and no one else.
+        for name in (CONTROL_SOCKET, EVENTS_SOCKET):
+            os.chmod(cfg.runtime_dir / name, 0o660)
+        os.chmod(cfg.runtime_dir / PROGRESS_SOCKET, 0o600)  # only our own children
         self.gpu = make_gpu_probe(cfg.gpu_probe)
         log.info("GPU rule %s", self.gpu.describe())
 

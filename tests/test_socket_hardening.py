@@ -1,0 +1,122 @@
+"""The control socket under abuse: a fuzz of random frames and JSON shapes, and who may
+connect at all."""
+import _socket
+import errno
+import json
+import os
+import pwd
+import random
+
+import psutil
+import pytest
+import zmq
+
+from fluxgymd.protocol import OPS, PROTOCOL_VERSION
+from fluxgymd.testing import write_job
+
+FRAMES = 10_000
+RSS_GROWTH_LIMIT_MB = 25
+
+
+def random_value(rng, depth=0):
+    kinds = ["int", "float", "str", "bool", "null"] + (["list", "dict"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**63, -2**63, rng.randint(-10**6, 10**6)])
+    if kind == "float":
+        return rng.choice([0.5, -1e308, 1e308, float("inf")]) if rng.random() < 0.5 else rng.random()
+    if kind == "str":
+        return "".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 40)))
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 5))]
+    return {str(rng.randint(0, 99)): random_value(rng, depth + 1)
+            for _ in range(rng.randint(0, 5))}
+
+
+def random_frames(rng):
+    r = rng.random()
+    if r < 0.25:
+        return [os.urandom(rng.randint(0, 300))]
+    if r < 0.35:
+        return [os.urandom(rng.randint(0, 50)) for _ in range(rng.randint(2, 4))]
+    if r < 0.55:
+        return [json.dumps(random_value(rng), allow_nan=True).encode()]
+    # well-formed envelopes with random ops and arguments
+    op = rng.choice(list(OPS) + ["", "drop_tables", "submit "])
+    args = {rng.choice(list(OPS.get(op, {}) or {"x": 0}) + ["bogus"]): random_value(rng)
+            for _ in range(rng.randint(0, 3))}
+    if op == "submit" and rng.random() < 0.5:
+        args = {"text": random_value(rng) if rng.random() < 0.3 else
+                "[job]\nname = \"" + str(random_value(rng)) + "\"\nkind = \"command\"\n"}
+    env = {"v": rng.choice([PROTOCOL_VERSION, PROTOCOL_VERSION, 0, "1", None]),
+           "id": random_value(rng), "op": op, "args": args}
+    return [json.dumps(env, allow_nan=True).encode()]
+
+
+def test_ten_thousand_random_frames(daemon, short_tmp):
+    for i in range(3):
+        daemon.submit(write_job(short_tmp, f"keep{i}", ["true"]))
+    before_jobs = {j["id"]: j["name"] for j in daemon.call("list")["jobs"]}
+    proc = psutil.Process(daemon.proc.pid)
+    rss_before = proc.memory_info().rss / 2**20
+    rng = random.Random(int(os.environ.get("FLUXGYM_TEST_SEED", "4242")))
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{daemon.runtime_dir}/control.sock")
+    sent = replies = 0
+    try:
+        while sent < FRAMES:
+            batch = min(200, FRAMES - sent)
+            for _ in range(batch):
+                s.send_multipart(random_frames(rng))
+            sent += batch
+            while replies < sent:
+                assert s.poll(10_000), f"no reply after {replies} of {sent}"
+                reply = json.loads(s.recv_multipart()[-1])
+                assert reply["v"] == PROTOCOL_VERSION and isinstance(reply["ok"], bool)
+                if not reply["ok"]:
+                    assert reply["error"]["code"] != "internal", reply
+                replies += 1
+    finally:
+        s.close()
+    assert daemon.call("ping")["pong"] and daemon.proc.poll() is None
+    after = {j["id"]: j["name"] for j in daemon.call("list")["jobs"]}
+    assert all(after.get(i) == name for i, name in before_jobs.items())  # nothing lost
+    growth = proc.memory_info().rss / 2**20 - rss_before
+    assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.1f} MB"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_user_outside_the_service_group_cannot_connect(daemon, short_tmp):
+    # Only the runtime dir's own mode may decide: open everything above it.
+    for d in (short_tmp, daemon.root):
+        d.chmod(0o755)
+    assert daemon.runtime_dir.stat().st_mode & 0o777 in (0o700, 0o750)
+    nobody = pwd.getpwnam("nobody")
+    sock_path = str(daemon.runtime_dir / "control.sock")
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and tries to connect; it only reports errno
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            s.connect(sock_path)
+            code = 0
+        except OSError as e:
+            code = e.errno or 98
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == errno.EACCES
+    assert daemon.call("ping")["pong"]
+
+
+def test_socket_modes_leave_access_to_the_runtime_dir(daemon):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in daemon.runtime_dir.glob("*.sock")}
+    assert modes == {"control.sock": 0o660, "events.sock": 0o660, "progress.sock": 0o600}
