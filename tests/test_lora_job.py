@@ -11,7 +11,9 @@ def test_lora_job_trains_to_a_finished_lora_with_progress_in_the_store(daemon, t
         "train": {"pretrained_model": str(tiny / "model"), "dataset_dir": str(tiny / "data"),
                   "resolution": 64, "max_train_steps": 30, "train_batch_size": 2,
                   "save_every_n_steps": 10, "save_every_n_epochs": 0,
-                  "t5xxl_max_token_length": 32, "trigger_word": "fgx"},
+                  "t5xxl_max_token_length": 32, "trigger_word": "fgx",
+                  "sample_prompts": ["fgx a red disc", "fgx a blue square"],
+                  "sample_every_n_steps": 15, "sample_steps": 2},
     }))
     r = daemon.ctl("submit", str(job), "--wait", "--wait-timeout", "240", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr + daemon.logs()[-3000:]
@@ -24,6 +26,11 @@ def test_lora_job_trains_to_a_finished_lora_with_progress_in_the_store(daemon, t
     assert (out / "tiny-lora.safetensors").exists() and (out / "job.toml").exists()
     metrics = daemon.call("metrics", job="tiny-lora")["metrics"]
     assert [m["step"] for m in metrics][-1] == 30 and len(metrics) >= 20  # a few may drop
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert samples == [f"step-{s:08d}-{i:02d}.png" for s in (15, 30) for i in (0, 1)]
+    from PIL import Image
+    with Image.open(out / "samples" / samples[0]) as img:
+        assert img.size == (64, 64)
     log = daemon.call("logs", job="tiny-lora", lines=1000)["lines"]
     assert any("finished:" in line for line in log)
 
