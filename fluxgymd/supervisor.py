@@ -1,7 +1,7 @@
 """Children: spawn each job in its own process group, read its output, signal its whole
 tree, reap it.
 
-Exit is noticed through a pidfd and read with WNOWAIT first: while the leader is an
+Exit is noticed through a pidfd, which does not reap it: while the leader is an
 unreaped zombie its pid (and so its process group id) cannot be reused, which makes it safe
 to SIGKILL whatever the job left behind in its group before the pid is released.
 """
@@ -136,7 +136,7 @@ class Child:
     def _on_pidfd(self) -> None:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
-        # Still a zombie here (WNOWAIT): its pgid is ours alone, so leftovers can be killed.
+        # Still an unreaped zombie here: its pgid is ours alone, so leftovers can be killed.
         leftovers = self._kill_leftovers()
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
