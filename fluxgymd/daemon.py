@@ -393,13 +393,9 @@ class Daemon:
             output_tail="\n".join(line for _, line in run.log.tail(60)),
             oom_killed=None not in (oom_now, run.oom_at_start) and oom_now > run.oom_at_start,
             stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
-            progress=_progress_of(job))
+            progress=_progress_of(job), last_output=run.last_line)
         out = after_exit(ending, run.budget, run.limits)
-        if out.action in ("failed", "restart") and run.last_line and not run.stall \
-                and "exited" in out.reason:
-            reason = out.reason.replace(ex.describe(), f"{ex.describe()}: {run.last_line[:200]}", 1)
-        else:
-            reason = out.reason
+        reason = out.reason
         fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
                   "no_progress": out.budget.no_progress}
         job_id = run.job_id

@@ -93,15 +93,15 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> 
     elif kind not in KINDS:
         errors.append(f"job.kind {kind!r} is unknown; use one of: {', '.join(KINDS)}")
 
-    for key, value in (data.get("watchdog") or {}).items() if isinstance(
-            data.get("watchdog"), dict) else []:
+    watchdog = data.get("watchdog") if isinstance(data.get("watchdog"), dict) else {}
+    for key, value in watchdog.items():
         if key in LIMIT_NAMES and isinstance(value, (int, float)) and value < 0:
             errors.append(f"watchdog.{key} must be 0 or more, got {value}")
     spec: dict[str, Any] = {
         "name": name,
         "kind": kind,
         "description": job.get("description", ""),
-        "watchdog": dict(data.get("watchdog") or {}),
+        "watchdog": dict(watchdog),
     }
     if kind == "command":
         spec["command"] = _command(data.get("command"), base, errors)

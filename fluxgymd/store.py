@@ -7,6 +7,7 @@ user_version), applied in order when the store opens.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -117,17 +118,15 @@ class Store:
                         self.db.execute(stmt)
                 self.db.execute(f"PRAGMA user_version={number + 1}")
 
+    @contextlib.contextmanager
     def _tx(self):
-        store = self
-
-        class _Tx:
-            def __enter__(self):
-                store.db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, exc, tb):
-                store.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # --- jobs -----------------------------------------------------------------------
     def add_job(self, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:

@@ -173,6 +173,14 @@ class Ending:
     cancelled: bool = False
     daemon_stopping: bool = False
     progress: int | None = None  # newest checkpoint step at the end of the attempt
+    last_output: str = ""  # the child's last non-empty line: often the error itself
+
+    @property
+    def what(self) -> str:
+        """How it ended, with the last line when it exited with an error code."""
+        if self.code not in (None, 0) and self.last_output:
+            return f"{self.description}: {self.last_output[:200]}"
+        return self.description
 
 
 @dataclass(frozen=True)
@@ -209,13 +217,13 @@ def after_exit(e: Ending, budget: Budget, limits: Limits) -> Outcome:
                        "memory (smaller batch, gradient checkpointing, lower resolution)",
                        budget=budget)
     if e.oom_killed or OOM_PATTERNS.search(e.output_tail):
-        how = "killed by the kernel's OOM killer" if e.oom_killed else e.description
+        how = "killed by the kernel's OOM killer" if e.oom_killed else e.what
         return Outcome("failed", f"{how}: {OOM_ADVICE}", budget=budget)
 
     moved = e.progress is not None and (budget.progress_at_start is None
                                         or e.progress > budget.progress_at_start)
     no_progress = 0 if moved else budget.no_progress + 1
-    why = e.stall.reason if e.stall else e.description
+    why = e.stall.reason if e.stall else e.what
     since = f"step {e.progress}" if e.progress is not None else "the start"
     if no_progress >= limits.no_progress_restarts:
         return Outcome("failed", f"no progress since {since}: {no_progress} attempts in a row "

@@ -5,9 +5,7 @@ embedding, packed latents, image and text position ids).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from typing import Any
 
 import torch
 from diffusers import FluxPipeline
@@ -130,6 +128,3 @@ def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor,
     target = noise - latents
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
-
-def lora_metadata(transformer) -> dict[str, Any]:
-    return json.loads(json.dumps(transformer.peft_config["default"].to_dict(), default=list))
