@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outputs-dir", help="root of the per-job output folders")
     p.add_argument("--max-concurrent-jobs", type=int, help="jobs running at once")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--allow-command-jobs", action="store_const", const=True,
+                   help="run kind = \"command\" jobs (any program, as this daemon's user); "
+                   "off unless set here or in the config")
     p.add_argument("--version", action="version", version=f"fluxgymd {__version__}")
     return p.parse_args(argv)
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {
         "state_dir": args.state_dir, "runtime_dir": args.runtime_dir,
         "outputs_dir": args.outputs_dir, "max_concurrent_jobs": args.max_concurrent_jobs,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "allow_command_jobs": args.allow_command_jobs,
     }
     try:
         cfg = load(args.config, flags)

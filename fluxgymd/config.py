@@ -45,6 +45,7 @@ KEYS = [
     Key("daemon", "log_level", str, "info"),
     Key("daemon", "journal", str, "auto"),
     Key("daemon", "journal_socket", str, "/run/systemd/journal/socket"),
+    Key("daemon", "allow_command_jobs", bool, False),
     Key("logs", "max_bytes", int, 50 * 1024 * 1024, minimum=4096),
     Key("logs", "backups", int, 3, minimum=0),
     Key("logs", "memory_lines", int, 10000, minimum=100),
@@ -59,6 +60,8 @@ for _k in KEYS:
     _BY_SECTION.setdefault(_k.section, {})[_k.name] = _k
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -68,6 +71,13 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 def _coerce(key: Key, value: Any, where: str) -> Any:
     full = f"{key.section}.{key.name}"
+    if key.type is bool:
+        if isinstance(value, str) and where.startswith("environment") \
+                and value.strip().lower() in _BOOL_WORDS:
+            value = _BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {full} must be true or false, got {value!r}")
+        return value
     if key.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, str) and key.type is not str and where.startswith("environment"):
@@ -128,6 +138,7 @@ class Config:
     log_level: str
     journal: str
     journal_socket: str
+    allow_command_jobs: bool
     log_max_bytes: int
     log_backups: int
     log_memory_lines: int
@@ -179,6 +190,7 @@ def load(
         log_level=values["daemon.log_level"],
         journal=values["daemon.journal"],
         journal_socket=values["daemon.journal_socket"],
+        allow_command_jobs=values["daemon.allow_command_jobs"],
         log_max_bytes=values["logs.max_bytes"],
         log_backups=values["logs.backups"],
         log_memory_lines=values["logs.memory_lines"],

@@ -275,7 +275,7 @@ class Daemon:
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
         job = self.store.transition(job_id, new, reason, **fields)
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
-                 extra={"job_id": job_id})
+                 extra={"job_id": job_id, "job_name": job["name"]})
         self._announce(job)
         return job
 
@@ -333,6 +333,10 @@ class Daemon:
         job_id, attempt = job["id"], job["attempts"] + 1
         job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
                                started_at=job["started_at"] or time.time(), exit_code=None)
+        if (why := self._command_jobs_off(job["spec"])) is not None:
+            # queued while they were allowed, and the config changed since
+            self._transition(job_id, S.FAILED, why)
+            return
         out = Path(job["output_dir"])
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -587,11 +591,28 @@ class Daemon:
                 "max_concurrent_jobs": self.cfg.max_concurrent_jobs,
                 "summary": self._summary(), "stopping": self.stopping}
 
+    def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
+        """Why this job may not run here, or None. A command job is any program run as the
+        daemon's user: whoever reaches the socket could run code, so they are opt-in."""
+        if spec["kind"] != "command" or self.cfg.allow_command_jobs:
+            return None
+        where = f"[daemon] in {self.cfg.config_file}" if self.cfg.config_file else \
+            "[daemon] of fluxgymd's config file"
+        return ("command jobs are turned off on this fluxgymd: a command job runs any program "
+                "as the daemon's user, so anyone who can reach its socket could run code. To "
+                f"allow them, set allow_command_jobs = true under {where} (or start fluxgymd "
+                "with --allow-command-jobs) and restart it")
+
+    def _check_allowed(self, spec: dict[str, Any]) -> None:
+        if (why := self._command_jobs_off(spec)) is not None:
+            raise FluxgymError(ErrorCode.FORBIDDEN, why)
+
     def op_submit(self, args) -> dict[str, Any]:
         if self.stopping:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
         spec = jobspec.parse(args["text"], args["source"], args["name"])
+        self._check_allowed(spec)
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
         job = self.store.add_job(spec, out)
         log.info("job %s (%s): queued from %s", job["id"], job["name"], args["source"] or "-")
@@ -662,6 +683,7 @@ class Daemon:
             raise FluxgymError(ErrorCode.INVALID_STATE,
                                f"job {job['id']} ({job['name']}) is {state.value}; only failed, "
                                "cancelled or interrupted jobs can be retried")
+        self._check_allowed(job["spec"])
         job = self._transition(job["id"], S.QUEUED, "retry requested by user",
                                cancel_requested=0, restarts=0, no_progress=0)
         self.schedule()

@@ -80,7 +80,8 @@ class JournalHandler(logging.Handler):
             self.journal.send(message, _LEVELS.get(record.levelno, INFO),
                               CODE_FILE=record.pathname, CODE_LINE=record.lineno,
                               CODE_FUNC=record.funcName, LOGGER=record.name,
-                              JOB_ID=getattr(record, "job_id", None))
+                              JOB_ID=getattr(record, "job_id", None),
+                              JOB_NAME=getattr(record, "job_name", None))
         except Exception:
             self.handleError(record)
 

@@ -42,6 +42,7 @@ class ErrorCode(str, enum.Enum):
     AMBIGUOUS = "ambiguous"
     CONFLICT = "conflict"  # e.g. the job name is taken
     INVALID_STATE = "invalid_state"  # e.g. retry of a succeeded job
+    FORBIDDEN = "forbidden"  # e.g. a command job where allow_command_jobs is off
     INTERNAL = "internal"
 
 

@@ -62,6 +62,20 @@ def test_mistakes_name_the_key_and_suggest(tmp_path, text, message):
     assert message in str(e.value)
 
 
+def test_command_jobs_are_off_unless_switched_on(tmp_path):
+    env = {"HOME": str(tmp_path)}
+    assert load(None, {}, env=env).allow_command_jobs is False
+    f = write(tmp_path, "[daemon]\nallow_command_jobs = true\n")
+    assert load(f, {}, env=env).allow_command_jobs is True
+    assert load(None, {}, env={**env, "FLUXGYM_ALLOW_COMMAND_JOBS": "yes"}).allow_command_jobs
+    assert not load(f, {}, env={**env, "FLUXGYM_ALLOW_COMMAND_JOBS": "0"}).allow_command_jobs
+    assert load(None, {"allow_command_jobs": True}, env=env).allow_command_jobs
+    with pytest.raises(ConfigError, match="allow_command_jobs must be true or false, got 1"):
+        load(write(tmp_path, "[daemon]\nallow_command_jobs = 1\n"), {}, env=env)
+    with pytest.raises(ConfigError, match="FLUXGYM_ALLOW_COMMAND_JOBS: daemon.allow_command_"):
+        load(None, {}, env={**env, "FLUXGYM_ALLOW_COMMAND_JOBS": "maybe"})
+
+
 def test_bad_environment_value_is_named(tmp_path):
     with pytest.raises(ConfigError, match="environment FLUXGYM_MAX_CONCURRENT_JOBS"):
         load(None, {}, env={"FLUXGYM_MAX_CONCURRENT_JOBS": "many", "HOME": str(tmp_path)})

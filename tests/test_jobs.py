@@ -214,3 +214,23 @@ def test_program_that_cannot_start_fails_with_the_reason(daemon, short_tmp):
     daemon.ctl("cancel", "blocker", check=True)
     job = daemon.wait_state("vanish", "failed")
     assert job["reason"].startswith("could not start") and "No such file" in job["reason"]
+
+
+def test_command_jobs_switched_off_are_refused_and_never_start(daemon_factory, short_tmp):
+    on = daemon_factory("on", allow_command_jobs=True, watchdog__kill_grace_s=3.0).start()
+    on.submit(write_job(short_tmp, "long", ["sleep", "600"]))
+    on.submit(write_job(short_tmp, "waiting", ["true"]))
+    on.wait_state("long", "running")
+    on.stop()  # long: interrupted, both queued again at the next start
+    off = daemon_factory("on", allow_command_jobs=False).start()
+    r = off.ctl("submit", str(write_job(short_tmp, "new", ["true"])))
+    assert r.returncode == 4, r
+    assert "command jobs are turned off" in r.stderr
+    assert "allow_command_jobs = true" in r.stderr and "--allow-command-jobs" in r.stderr
+    for name in ("long", "waiting"):  # queued while allowed: failed, not run
+        j = off.wait_state(name, "failed")
+        assert j["reason"].startswith("command jobs are turned off"), j
+        assert j["pid"] is None
+    r = off.ctl("--json", "retry", "waiting")
+    assert r.returncode == 4 and json.loads(r.stdout)["error"]["code"] == "forbidden"
+    assert off.ctl("ping").returncode == 0

@@ -118,4 +118,5 @@ def test_the_daemon_sends_job_lines_and_its_own_log(daemon_factory, short_tmp):
     own = [e for e in entries if e.get("LOGGER") == "fluxgymd"]
     assert any("serving" in e["MESSAGE"] for e in own)
     assert any(e["MESSAGE"].startswith("job 1 (j1): succeeded") and e.get("JOB_ID") == "1"
+               and e.get("JOB_NAME") == "j1"
                for e in own)

@@ -84,6 +84,32 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_identical(tiny, straight):
     assert_identical(straight, lora(out, "termed"))
 
 
+def test_sigabrt_with_its_reader_gone_still_checkpoints_and_exits_75(tiny):
+    # systemd's watchdog SIGABRTs the whole cgroup when the daemon wedges: the daemon dies,
+    # closing the trainer's output pipe, and the trainer must still save its step
+    out = tiny / "out" / "orphan"
+    p = subprocess.Popen([PY, "-m", "trainer", str(job_file(tiny, "orphan")),
+                          "--output-dir", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env=ENV)
+    try:
+        seen, last = [], 0
+        for raw in p.stdout:
+            seen.append(line := raw.decode(errors="replace"))
+            if line.startswith("trainer: step "):
+                last = int(line.split()[2].split("/")[0])
+            if last > 10 and any("checkpoint step 10" in x for x in seen):
+                break
+        assert last > 10, "".join(seen)[-3000:]
+        p.stdout.close()  # the reader is gone; the next print hits a broken pipe
+        p.send_signal(signal.SIGABRT)
+    finally:
+        rc = finish(p)
+    assert rc == 75, "".join(seen)[-3000:]
+    steps = sorted(int(c.name[5:]) for c in (out / "checkpoints").iterdir()
+                   if c.name.startswith("step-") and (c / "manifest.json").exists())
+    assert steps[-1] >= last, steps  # the step it was on when the signal came, saved
+
+
 def test_a_torn_checkpoint_write_is_never_resumed_from(tiny, straight):
     p, out = start(tiny, "torn", env_extra={"TRAINER_FAULT": "kill-in-checkpoint:20"})
     assert finish(p) == -signal.SIGKILL

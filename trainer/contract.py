@@ -3,11 +3,13 @@ progress for a person at a terminal.
 
 Events go over a ZeroMQ PUSH socket with NOBLOCK and a small high-water mark: a step never
 waits for the daemon, and a lost event is fine. SIGTERM/SIGINT ask for a checkpoint at the
-next step boundary and exit 75; SIGUSR1 dumps every thread's stack to stderr.
+next step boundary and exit 75; SIGUSR1 dumps every thread's stack to stderr. Output whose
+reader has gone (the daemon died) is dropped instead of ending the training.
 """
 from __future__ import annotations
 
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -19,13 +21,17 @@ EXIT_INTERRUPTED = 75
 
 
 class Stop:
-    """Set by SIGTERM/SIGINT; the loop checks it between steps. A second SIGINT (an
-    impatient Ctrl-C) stops at once, without a checkpoint."""
+    """Set by SIGTERM/SIGINT/SIGABRT; the loop checks it between steps. A second SIGINT (an
+    impatient Ctrl-C) stops at once, without a checkpoint.
+
+    SIGABRT is what systemd's watchdog sends to the whole service cgroup when the daemon
+    wedges: checkpointing then saves the steps since the last one. An abort() from native
+    code still ends the process (abort re-raises with the default action after a handler)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGABRT):
+            signal.signal(sig, self._on_signal)
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
 
     def _on_signal(self, signum, frame) -> None:
@@ -35,6 +41,49 @@ class Stop:
 
     def __bool__(self) -> bool:
         return self.requested is not None
+
+
+class LossyStream(io.TextIOBase):
+    """stdout/stderr for a trainer whose reader may vanish: when the daemon dies, its end of
+    the pipe closes and the next print would raise BrokenPipeError in the training loop. The
+    run should instead go on, and checkpoint when it is asked to stop; its lines are lost."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.lost = False
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self._stream.write(text)
+            except (BrokenPipeError, ConnectionResetError):
+                self.lost = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.lost = True
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
+def keep_going_without_a_reader() -> None:
+    sys.stdout = LossyStream(sys.stdout)
+    sys.stderr = LossyStream(sys.stderr)
 
 
 class Reporter:
