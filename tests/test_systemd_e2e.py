@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,6 @@ from tinylora import assert_identical, lora, train_section
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = Path("/run/host")  # the test's files, as the namespace sees them
-DB = "/var/lib/fluxgymd/fluxgymd.sqlite3"
 OUTPUTS = "/var/lib/fluxgymd/outputs"
 # systemd's 30 s would make the freeze test wait 30 s; the rest of the unit is as installed.
 DROP_IN = "[Service]\nWatchdogSec=5s\nRestartSec=1s\n"
@@ -172,6 +171,15 @@ def test_make_install_lays_out_units_config_and_a_relocated_venv(stage):
             assert stage_path not in f.read_bytes(), f
 
 
+def test_the_installed_unit_verifies_clean_and_rates_ok(machine):
+    r = machine.sh("systemd-analyze verify fluxgymd.service")
+    assert r.stderr.strip() == "", r.stderr
+    r = machine.sh("systemd-analyze security --no-pager fluxgymd.service")
+    m = re.search(r"Overall exposure level for fluxgymd\.service: ([\d.]+) (\w+)", r.stdout)
+    assert m, r.stdout[-500:]
+    assert float(m.group(1)) <= 3.5 and m.group(2) in ("SAFE", "OK"), m.group(0)
+
+
 def test_systemctl_start_reaches_active_with_a_status_line(machine):
     machine.sh("systemctl start fluxgymd")  # Type=notify: returns after READY=1
     p = show(machine, "ActiveState", "SubState", "StatusText", "MainPID", "User")
@@ -225,6 +233,9 @@ def test_a_lora_job_trains_and_journalctl_shows_its_lines_and_only_its_lines(mac
     output = [e for e in la if "STREAM" in e]
     said = [e["MESSAGE"] for e in la if "STREAM" not in e]
     assert len(output) > 20 and {e["JOB_ATTEMPT"] for e in output} == {"1"}
+    # the trainer's news is info, not warnings: `journalctl -p warning` stays meaningful
+    steps = [e for e in output if e["MESSAGE"].startswith("trainer: step ")]
+    assert steps and {(e["PRIORITY"], e["STREAM"]) for e in steps} == {("6", "stdout")}
     train_log = set(machine.path(f"{OUTPUTS}/e2e-lora/train.log").read_text().splitlines())
     assert {e["MESSAGE"] for e in output} <= train_log
     assert said and all(m.startswith(f"job {a['id']} (e2e-lora): ") for m in said), said

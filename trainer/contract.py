@@ -146,11 +146,12 @@ class Reporter:
         if self._bar is not None:
             self._bar[0].console.print(text)
         else:
-            print(f"trainer: {text}", file=sys.stderr, flush=True)
+            # stdout: these are news, not warnings (journald files stderr lines as warnings)
+            print(f"trainer: {text}", flush=True)
 
     def start_bar(self, start: int, total: int) -> None:
         self.total = total
-        if self.supervised or not sys.stderr.isatty():
+        if self.supervised or not sys.stdout.isatty():
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
