@@ -80,6 +80,9 @@ class LossyStream(io.TextIOBase):
     def encoding(self) -> str:
         return self._stream.encoding
 
+    def __getattr__(self, name: str):  # buffer, reconfigure, ...: as the real stream
+        return getattr(self._stream, name)
+
 
 def keep_going_without_a_reader() -> None:
     sys.stdout = LossyStream(sys.stdout)
