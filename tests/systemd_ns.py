@@ -163,15 +163,15 @@ class SystemdNamespace:
 
     def host_pid(self, ns_pid: int) -> int:
         """This machine's pid of the process the namespace calls ns_pid."""
+        ours = os.readlink(f"/proc/{self.pid}/ns/pid")
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
+                if os.readlink(entry / "ns" / "pid") != ours:
+                    continue
                 status = (entry / "status").read_text()
-                ns = os.readlink(entry / "ns" / "pid")
             except OSError:
-                continue
-            if ns != os.readlink(f"/proc/{self.pid}/ns/pid"):
                 continue
             for line in status.splitlines():
                 if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
