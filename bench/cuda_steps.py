@@ -25,6 +25,7 @@ def steps_per_s(model_dir: str, device: str, dtype, steps: int, batch: int, res:
     from trainer.flux import flow_matching_loss
 
     cfg = TrainConfig()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as the trainer does: its backward gives nan
     tr = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer",
                                                 torch_dtype=dtype)
     tr.requires_grad_(False)

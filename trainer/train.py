@@ -87,6 +87,10 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=mp)
+    if torch.cuda.is_available():
+        # cuDNN's attention backward gives inf/nan gradients for Flux in bf16 (H200, torch
+        # 2.11): measured by bench/gpu_checks.sh; flash and memory-efficient are exact.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = accelerator.device
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
     pipe = flux.load_pipeline(cfg.pretrained_model, dtype)
