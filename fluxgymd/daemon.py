@@ -26,7 +26,7 @@ import tomli_w
 import zmq
 import zmq.asyncio
 
-from . import __version__, jobspec
+from . import __version__, jobspec, ownership
 from .config import Config
 from .joblog import JobLog, read_tail
 from .journal import Journal, JobLines
@@ -34,12 +34,12 @@ from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
 from .protocol import (
     CONTROL_SOCKET, ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
-    PROGRESS_SOCKET, PROTOCOL_VERSION, TOPIC_PROGRESS, TOPIC_STATE,
+    PROGRESS_SOCKET, PROTOCOL_VERSION, RUNTIME_SETTINGS, TOPIC_PROGRESS, TOPIC_STATE,
     ErrorCode, FluxgymError, encode, log_topic,
 )
 from .probes import job_gpus, make_gpu_probe, oom_kills, process_reading
 from .server import ControlServer
-from .states import ACTIVE, FINISHED, JobState
+from .states import ACTIVE, FINISHED, JobState, check_removal
 from .store import Store, StoreError
 from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
 from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
@@ -82,6 +82,10 @@ class Run:
     next_gpu_at: float = 0.0
     oom_at_start: int | None = None
     journal: JobLines | None = None  # this attempt's lines to journald, when it is on
+    folder_lock: ownership.FolderLock | None = None
+    # (wall time, step) samples of this attempt: the ETA is the rate over the last
+    # ETA_WINDOW_S, checkpoints and samples included, so it does not jump between phases
+    pace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
 
 
 def _progress_of(job: dict[str, Any]) -> int | None:
@@ -94,7 +98,23 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def job_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+ETA_WINDOW_S = 300.0
+
+
+def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | None:
+    """Seconds left at the pace of the last ETA_WINDOW_S of wall time (at least two
+    samples 5 s apart), or None."""
+    if not pace or step is None or not total:
+        return None
+    t_new, s_new = pace[-1]
+    old = next(((t, s) for t, s in pace if t >= t_new - ETA_WINDOW_S), pace[0])
+    if t_new - old[0] < 5.0 or s_new <= old[1]:
+        return None
+    rate = (s_new - old[1]) / (t_new - old[0])
+    return max(0.0, (total - step) / rate - (now - t_new))
+
+
+def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[str, Any]:
     """The stable, documented shape of a job on the wire (`--json`)."""
     now = time.time() if now is None else now
     view = {k: v for k, v in job.items() if k not in ("spec", "pid_started", "queued_at")}
@@ -103,8 +123,20 @@ def job_view(job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     started = job.get("started_at")
     view["elapsed_s"] = ((job.get("finished_at") or now) - started) if started else None
     running = job["state"] in (S.RUNNING.value, S.STARTING.value)
-    view["eta_s"] = (total - step) * sps if running and None not in (step, total, sps) else None
+    eta = pace_eta(pace, step, total, now) if running else None
+    if eta is None and running and None not in (step, total, sps):
+        eta = (total - step) * sps  # before the pace has a window: the last step's time
+    view["eta_s"] = eta
+    view["lora"] = lora_path(job)
     return view
+
+
+def lora_path(job: dict[str, Any]) -> str | None:
+    """The finished LoRA of a lora job, once it exists."""
+    if job.get("kind") != "lora":
+        return None
+    path = Path(job["output_dir"]) / f"{job['name']}.safetensors"
+    return str(path) if path.is_file() else None
 
 
 class Daemon:
@@ -119,10 +151,15 @@ class Daemon:
         self.started_mono = time.monotonic()
         # Log lines are numbered per daemon run; clients that follow notice a restart by this.
         self.epoch = f"{os.getpid()}-{time.time():.6f}"
+        self.max_concurrent = cfg.max_concurrent_jobs
+        self.paused = False
         self.notifier = Notifier()
         self._locks: list[int] = []
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        # jobs a previous daemon left active, until restore has stopped what is left of them
+        self.restoring: set[int] = set()
+        self.restored = asyncio.Event()
 
     # --- start-up -------------------------------------------------------------------
     def _lock(self, directory: Path) -> None:
@@ -155,6 +192,13 @@ class Daemon:
         if cfg.state_dir.resolve() != cfg.runtime_dir.resolve():
             self._lock(cfg.state_dir)
         self.store = Store(cfg.state_dir / "fluxgymd.sqlite3")
+        self.paused = self.store.setting("paused") == "1"
+        saved = self.store.setting("max_concurrent_jobs")
+        if saved is not None:
+            self.max_concurrent = int(saved)
+            log.info("max_concurrent_jobs = %s (set at run time with fluxgymctl config; "
+                     "`fluxgymctl config max_concurrent_jobs --reset` returns to the config's %s)",
+                     saved, cfg.max_concurrent_jobs)
         self.ctx = zmq.asyncio.Context()
         self.control = ControlServer(self.ctx, cfg.control_endpoint, self._handlers())
         self.pub = self.ctx.socket(zmq.PUB)
@@ -176,13 +220,24 @@ class Daemon:
 
     async def restore(self) -> None:
         """Decide what a previous daemon left behind: no active job survives a restart
-        as active; leftover processes of it are stopped so a job never runs twice."""
+        as active; leftover processes of it are stopped so a job never runs twice. The
+        control socket is served meanwhile (status, cancel); nothing new starts until the
+        leftovers are gone."""
         left = self.store.list_jobs([s.value for s in ACTIVE])
+        self.restoring = {j["id"] for j in left}
         alive = [j for j in left if same_process(j["pid"], j["pid_started"])]
+        for j in alive:
+            log.info("job %s (%s): waiting for the process group %s a previous fluxgymd left "
+                     "running to exit (SIGTERM, SIGKILL after %gs)", j["id"], j["name"],
+                     j["pid"], self.cfg.kill_grace_s,
+                     extra={"job_id": j["id"], "job_name": j["name"]})
+        if alive:
+            self.notifier.status(f"stopping {len(alive)} leftover job process group(s)")
         await asyncio.gather(*(kill_orphan_group(j["pid"], j["pid_started"],
                                                  self.cfg.kill_grace_s) for j in alive))
         for job in left:
             note = f"; stopped its leftover process group {job['pid']}" if job in alive else ""
+            job = self.store.get(job["id"])  # a cancel may have come in meanwhile
             if job["cancel_requested"]:
                 self._transition(job["id"], S.CANCELLED,
                                  f"cancelled (fluxgymd restarted before it stopped){note}")
@@ -193,14 +248,17 @@ class Daemon:
                 pid=None,
             )
             self._transition(job["id"], S.QUEUED, "requeued after fluxgymd restart")
+        self.restoring.clear()
+        self.restored.set()
+        self.schedule()
 
     # --- the loop -------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self.restore()
         self._spawn(self.control.serve())
+        restore = self._spawn(self.restore())
         self._spawn(self._serve_progress())
         self._spawn(self._flush_loop())
         self._spawn(self._watch_loop())
@@ -211,8 +269,9 @@ class Daemon:
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
                  self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
         self.notifier.ready(self._summary())
-        self.schedule()
         await self._stop.wait()
+        if not restore.done():
+            await restore  # leftovers are killed either way; let it record them
         await self.shutdown()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -273,6 +332,8 @@ class Daemon:
 
     # --- state changes --------------------------------------------------------------
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
+        if new in FINISHED or new is S.QUEUED:
+            fields.setdefault("phase", None)  # a phase belongs to a running attempt
         job = self.store.transition(job_id, new, reason, **fields)
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
                  extra={"job_id": job_id, "job_name": job["name"]})
@@ -281,11 +342,15 @@ class Daemon:
 
     def _announce(self, job: dict[str, Any]) -> None:
         """A job changed state: tell subscribers and systemd."""
-        self._publish(TOPIC_STATE, job_view(job))
+        self._publish(TOPIC_STATE, self._view(job))
         self.notifier.status(self._summary())
 
     def _summary(self) -> str:
-        return summary(self.store.counts())
+        return summary(self.store.counts()) + ("; queue paused" if self.paused else "")
+
+    def _view(self, job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        run = self.runs.get(job["id"])
+        return job_view(job, now, run.pace if run is not None else None)
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
         try:
@@ -295,8 +360,10 @@ class Daemon:
 
     # --- the queue ------------------------------------------------------------------
     def schedule(self) -> None:
+        if not self.restored.is_set() or self.paused:
+            return
         while not self.stopping and \
-                len(self.runs) + len(self.recovering) < self.cfg.max_concurrent_jobs:
+                len(self.runs) + len(self.recovering) < self.max_concurrent:
             nxt = self.store.next_queued(1)
             if not nxt:
                 return
@@ -339,9 +406,21 @@ class Daemon:
             return
         out = Path(job["output_dir"])
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            why = ownership.check(out, self.store.id, job_id, job["spec"])
+            if why is not None:
+                self._transition(job_id, S.FAILED, why)
+                return
+            folder_lock = ownership.FolderLock(out)
+        except OSError as e:
+            self._transition(job_id, S.FAILED, f"could not prepare {out}: {e}")
+            return
+        except FluxgymError as e:
+            self._transition(job_id, S.FAILED, e.message)
+            return
+        try:
             argv, extra_env, cwd = self._command_for(job)
         except OSError as e:
+            folder_lock.release()
             self._transition(job_id, S.FAILED, f"could not prepare {out}: {e}")
             return
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
@@ -351,7 +430,8 @@ class Daemon:
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
         spec = job["spec"]
         run = Run(job_id, attempt, self._job_log(job),
-                  parse_tqdm=spec["kind"] == "command" and spec["command"]["progress"] == "tqdm")
+                  parse_tqdm=spec["kind"] == "command" and spec["command"]["progress"] == "tqdm",
+                  folder_lock=folder_lock)
         if self.journal is not None:
             run.journal = JobLines(self.journal, job_id, job["name"], attempt)
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
@@ -360,6 +440,7 @@ class Daemon:
             run.child = Child(argv, env, cwd, lambda lines, pending, stream:
                               self._on_output(run, lines, pending, stream))
         except SpawnError as e:
+            folder_lock.release()
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
             return
@@ -383,6 +464,8 @@ class Daemon:
         try:
             self._on_exit(run, result)
         finally:
+            if run.folder_lock is not None:
+                run.folder_lock.release()
             self.runs.pop(run.job_id, None)
             self.schedule()
 
@@ -397,7 +480,8 @@ class Daemon:
             output_tail="\n".join(line for _, line in run.log.tail(60)),
             oom_killed=None not in (oom_now, run.oom_at_start) and oom_now > run.oom_at_start,
             stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
-            progress=_progress_of(job), last_output=run.last_line)
+            progress=_progress_of(job), last_output=run.last_line,
+            contract=job["kind"] == "lora")
         out = after_exit(ending, run.budget, run.limits)
         reason = out.reason
         fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
@@ -538,6 +622,7 @@ class Daemon:
             elif kind == "phase":
                 run.watch.on_phase(now, ev["phase"])
         if kind == "step":
+            run.pace.append((time.time(), ev["step"]))
             upd = {"step": ev["step"]}
             for src, dst in (("total", "total_steps"), ("loss", "loss"), ("lr", "lr"),
                              ("seconds_per_step", "seconds_per_step")):
@@ -577,6 +662,8 @@ class Daemon:
             "ping": self.op_ping, "version": self.op_ping, "submit": self.op_submit,
             "list": self.op_list, "show": self.op_show, "cancel": self.op_cancel,
             "retry": self.op_retry, "logs": self.op_logs, "metrics": self.op_metrics,
+            "remove": self.op_remove, "clean": self.op_clean, "pause": self.op_pause,
+            "resume": self.op_resume, "move": self.op_move, "config": self.op_config,
         }
 
     def _find(self, ref: str) -> dict[str, Any]:
@@ -588,7 +675,9 @@ class Daemon:
                 "pid": os.getpid(), "uptime_s": time.monotonic() - self.started_mono,
                 "runtime_dir": str(self.cfg.runtime_dir), "state_dir": str(self.cfg.state_dir),
                 "outputs_dir": str(self.cfg.outputs_dir),
-                "max_concurrent_jobs": self.cfg.max_concurrent_jobs,
+                "max_concurrent_jobs": self.max_concurrent,
+                "allow_command_jobs": self.cfg.allow_command_jobs, "paused": self.paused,
+                "restoring": sorted(self.restoring),
                 "summary": self._summary(), "stopping": self.stopping}
 
     def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
@@ -611,14 +700,26 @@ class Daemon:
         if self.stopping:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
-        spec = jobspec.parse(args["text"], args["source"], args["name"])
+        spec = jobspec.parse(args["text"], args["source"], args["name"], self.cfg.outputs_dir)
         self._check_allowed(spec)
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
-        job = self.store.add_job(spec, out)
+        try:
+            # claimed inside the store's transaction: no job without its folder, and no
+            # folder taken over from another job or another fluxgymd's database
+            job = self.store.add_job(spec, out, args["priority"], prepare=lambda job_id:
+                                     ownership.claim(out, self.store.id, job_id, spec))
+        except OSError as e:
+            raise FluxgymError(ErrorCode.INVALID_JOB, f"cannot create the output folder {out}: "
+                               f"{e.strerror or e}") from None
         log.info("job %s (%s): queued from %s", job["id"], job["name"], args["source"] or "-")
+        for w in spec["warnings"]:
+            log.warning("job %s (%s): %s", job["id"], job["name"], w,
+                        extra={"job_id": job["id"], "job_name": job["name"]})
         self._announce(job)
         self.schedule()
-        return job_view(self.store.get(job["id"]))
+        view = self._view(self.store.get(job["id"]))
+        view["warnings"] = spec["warnings"]
+        return view
 
     def op_list(self, args) -> dict[str, Any]:
         self._flush()
@@ -629,11 +730,12 @@ class Daemon:
             raise FluxgymError(ErrorCode.BAD_ARGS, f"unknown state(s) {', '.join(map(str, bad))}; "
                                f"states are: {', '.join(s.value for s in JobState)}")
         jobs = self.store.list_jobs(states)
-        return {"jobs": [job_view(j, now) for j in jobs], "counts": self.store.counts()}
+        return {"jobs": [self._view(j, now) for j in jobs], "counts": self.store.counts(),
+                "paused": self.paused, "max_concurrent_jobs": self.max_concurrent}
 
     def op_show(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
-        view = job_view(job)
+        view = self._view(job)
         view["spec"] = job["spec"]
         view["events"] = self.store.events(job["id"], max(0, args["events"]))
         view["log_file"] = str(Path(job["output_dir"]) / "train.log")
@@ -659,7 +761,11 @@ class Daemon:
                 run.log.write(["=== fluxgymd: cancel requested; SIGTERM to the job's process "
                                f"group, SIGKILL after {self.cfg.kill_grace_s:g}s ==="])
                 self._spawn(run.child.terminate(self.cfg.kill_grace_s))
-            return job_view(self.store.get(job["id"]))
+            return self._view(self.store.get(job["id"]))
+        if job["id"] in self.restoring:
+            # restore is stopping what a previous daemon left of it; it ends cancelled
+            self.store.update(job["id"], cancel_requested=1)
+            return self._view(self.store.get(job["id"]))
         if state in FINISHED:
             raise FluxgymError(ErrorCode.INVALID_STATE,
                                f"job {job['id']} ({job['name']}) is already {state.value}")
@@ -668,7 +774,7 @@ class Daemon:
             timer.cancel()
         job = self._transition(job["id"], S.CANCELLED, "cancelled by user")
         self.schedule()
-        return job_view(job)
+        return self._view(job)
 
     def op_retry(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
@@ -687,7 +793,7 @@ class Daemon:
         job = self._transition(job["id"], S.QUEUED, "retry requested by user",
                                cancel_requested=0, restarts=0, no_progress=0)
         self.schedule()
-        return job_view(self.store.get(job["id"]))
+        return self._view(self.store.get(job["id"]))
 
     def op_logs(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
@@ -699,14 +805,118 @@ class Daemon:
             if jl is None:
                 return dict(base, lines=[], first=None, gap=False)
             items, gap = jl.since(args["after"], max(1, args["lines"]))
-            return dict(base, lines=[l for _, l in items],
-                        first=items[0][0] if items else None, gap=gap)
+            out = dict(base, lines=[l for _, l in items],
+                       first=items[0][0] if items else None, gap=gap)
+            if args["timestamps"]:
+                out["times"] = [jl.time_of(n) for n, _ in items]
+            return out
         lines = read_tail(Path(job["output_dir"]), args["lines"], self.cfg.log_backups)
-        return dict(base, lines=lines, first=None, gap=False)
+        out = dict(base, lines=lines, first=None, gap=False)
+        if args["timestamps"]:
+            # the ring knows when its lines came; older lines (from train.log) do not
+            times: list[float | None] = [None] * len(lines)
+            if jl is not None and lines:
+                for i in range(len(lines)):
+                    times[i] = jl.time_of(jl.seq - len(lines) + 1 + i)
+            out["times"] = times
+        return out
 
     def op_metrics(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
         return {"job": job["id"], "metrics": self.store.metrics(job["id"], args["limit"])}
+
+    # --- queue control -----------------------------------------------------------------
+    def _remove(self, job: dict[str, Any], delete_outputs: bool) -> dict[str, Any]:
+        if job["id"] in self.restoring:
+            raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being restored "
+                               "after a restart; try again in a moment")
+        removed = self.store.remove(job["id"])  # refuses active jobs (states.REMOVABLE)
+        old_log = self.logs.pop(job["id"], None)
+        if old_log is not None:
+            old_log.close()
+        out = Path(job["output_dir"])
+        deleted = False
+        if delete_outputs and out.is_dir():
+            owner = ownership.read_owner(out) or {}
+            if owner.get("store") == self.store.id and owner.get("job") == job["id"]:
+                shutil.rmtree(out, ignore_errors=True)
+                deleted = True
+            else:
+                log.warning("job %s: kept %s: it is not marked as this job's", job["id"], out)
+        log.info("job %s (%s): removed (%s)", job["id"], job["name"],
+                 "outputs deleted" if deleted else f"outputs kept in {out}")
+        self._publish(TOPIC_STATE, dict(self._view(removed), state="removed"))
+        return {"id": job["id"], "name": job["name"], "state": removed["state"],
+                "output_dir": str(out), "outputs_deleted": deleted}
+
+    def op_remove(self, args) -> dict[str, Any]:
+        jobs = [self._find(ref) for ref in dict.fromkeys(args["jobs"])]
+        for job in jobs:  # all or nothing: check every one before removing any
+            if job["id"] in self.restoring:
+                raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being "
+                                   "restored after a restart; try again in a moment")
+            check_removal(job["state"])
+        removed = [self._remove(j, args["delete_outputs"]) for j in jobs]
+        self.notifier.status(self._summary())
+        return {"removed": removed}
+
+    def op_clean(self, args) -> dict[str, Any]:
+        states = args["states"] or [S.SUCCEEDED.value, S.FAILED.value, S.CANCELLED.value]
+        bad = [x for x in states if x not in {st.value for st in FINISHED}]
+        if bad:
+            raise FluxgymError(ErrorCode.BAD_ARGS, f"clean removes finished jobs only; "
+                               f"{', '.join(bad)} is not one of: "
+                               f"{', '.join(sorted(st.value for st in FINISHED))}")
+        removed = [self._remove(j, args["delete_outputs"]) for j in self.store.list_jobs(states)]
+        self.notifier.status(self._summary())
+        return {"removed": removed}
+
+    def _set_paused(self, paused: bool) -> dict[str, Any]:
+        self.store.set_setting("paused", "1" if paused else None)
+        self.paused = paused
+        log.info("queue %s", "paused: running jobs go on, queued ones wait" if paused
+                 else "resumed")
+        self.notifier.status(self._summary())
+        self.schedule()
+        return {"paused": paused, "summary": self._summary()}
+
+    def op_pause(self, args) -> dict[str, Any]:
+        return self._set_paused(True)
+
+    def op_resume(self, args) -> dict[str, Any]:
+        return self._set_paused(False)
+
+    def op_move(self, args) -> dict[str, Any]:
+        if args["to"] is None and args["priority"] is None:
+            raise FluxgymError(ErrorCode.BAD_ARGS, "move: give `to` (first or last) or "
+                               "`priority`")
+        job = self._find(args["job"])
+        moved = self.store.move(job["id"], args["to"], args["priority"])
+        self._announce(moved)
+        return self._view(moved)
+
+    def op_config(self, args) -> dict[str, Any]:
+        key, value = args["key"], args["value"]
+        if key is None and (value is not None or args["reset"]):
+            raise FluxgymError(ErrorCode.BAD_ARGS, "config: name the setting to change "
+                               f"(one of: {', '.join(RUNTIME_SETTINGS)})")
+        if key is not None and args["reset"]:
+            self.store.set_setting(key, None)
+            self.max_concurrent = self.cfg.max_concurrent_jobs
+            log.info("%s back to the config's %s", key, self.max_concurrent)
+            self.schedule()
+        elif key is not None and value is not None:
+            lo, hi = RUNTIME_SETTINGS[key]
+            if not lo <= value <= hi:
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"config: {key} must be between {lo} "
+                                   f"and {hi}, got {value}")
+            self.store.set_setting(key, str(value))
+            self.max_concurrent = value
+            log.info("%s = %s (set at run time; kept across restarts)", key, value)
+            self.schedule()
+        return {"settings": {"max_concurrent_jobs": self.max_concurrent},
+                "paused": self.paused,
+                "from_config_file": {"max_concurrent_jobs": self.cfg.max_concurrent_jobs}}
 
 
 def run_daemon(cfg: Config, journal: Journal | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger("fluxgymd.joblog")
@@ -82,6 +83,8 @@ class JobLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.ring: collections.deque[tuple[int, str]] = collections.deque(maxlen=memory_lines)
+        # when each ring line arrived (epoch seconds), for `logs -t`
+        self.times: collections.deque[float] = collections.deque(maxlen=memory_lines)
         self.seq = 0  # number of the last line written
         self._fh = None
         self._size = 0
@@ -119,6 +122,7 @@ class JobLog:
                 log.info("writing %s again", self.path)
                 self.error = None
         self.ring.extend(zip(range(first, first + len(lines)), lines))
+        self.times.extend([time.time()] * len(lines))
         self.seq += len(lines)
         return first
 
@@ -142,6 +146,13 @@ class JobLog:
         oldest = self.ring[0][0]
         out = [item for item in self.ring if item[0] > after][:limit]
         return out, after + 1 < oldest
+
+    def time_of(self, seq: int) -> float | None:
+        """When line `seq` arrived, while it is in the ring."""
+        if not self.ring:
+            return None
+        i = seq - self.ring[0][0]
+        return self.times[i] if 0 <= i < len(self.times) else None
 
     def tail(self, n: int) -> list[tuple[int, str]]:
         return list(self.ring)[-n:] if n > 0 else []

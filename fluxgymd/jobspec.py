@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import config as train_config
+from trainer.preflight import preflight
 
 from .protocol import ErrorCode, FluxgymError
 from .watchdog import LIMIT_NAMES
@@ -41,13 +42,21 @@ def check_name(name: Any) -> str | None:
         return "job.name must be a string"
     if not NAME_RE.fullmatch(name) or name in (".", ".."):
         return (
-            f"job.name {name!r} is not allowed: use 1-64 characters from a-z, 0-9, '.', '_' "
-            "and '-', starting with a letter or digit (e.g. 'my-lora-v2')"
+            f"job.name {name!r:.80} is not allowed: use 1-64 characters from a-z, 0-9, '.', "
+            "'_' and '-', starting with a letter or digit (e.g. 'my-lora-v2')"
         )
+    if name.isdigit():
+        # `fluxgymctl logs 4` must mean one job: ids are all digits, so names are not
+        return f"job.name {name!r} is all digits, which reads as a job id; add a letter " \
+            f"(e.g. 'run-{name}')"
     return None
 
 
-def parse(text: str, source: str = "", name_override: str = "") -> dict[str, Any]:
+def parse(text: str, source: str = "", name_override: str = "",
+          outputs_dir: Path | None = None) -> dict[str, Any]:
+    """The validated job; for a lora job, also what can be checked without loading the model
+    (dataset images, model class, free disk under `outputs_dir`). Warnings that do not stop
+    the job are in spec["warnings"]."""
     where = source or "job file"
     try:
         data = tomllib.loads(text)
@@ -56,6 +65,12 @@ def parse(text: str, source: str = "", name_override: str = "") -> dict[str, Any
     base = Path(source).resolve().parent if source else Path.cwd()
     errors: list[str] = []
     spec = _validate(data, base, errors, name_override)
+    spec["warnings"] = []
+    if not errors and spec.get("kind") == "lora":
+        problems, spec["warnings"] = preflight(
+            train_config.TrainConfig(**spec["train"]),
+            str(outputs_dir) if outputs_dir is not None else str(base))
+        errors.extend(problems)
     if errors:
         msg = f"{where} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
         raise FluxgymError(ErrorCode.INVALID_JOB, msg, details=errors)

@@ -62,9 +62,16 @@ class Arg(NamedTuple):
     default: Any = None
     minimum: int | None = None  # for integers
     maximum: int | None = None
+    items: type | None = None  # for lists: the type of every element
+    choices: tuple[str, ...] | None = None  # for strings
 
 
 _JOB = Arg(str, required=True)
+_JOBS = Arg(list, required=True, items=str)
+_STATES = Arg(list, default=None, items=str)
+PRIORITY_RANGE = (-1000, 1000)
+# Settings `config` may change while the daemon runs (kept in the store across restarts).
+RUNTIME_SETTINGS = {"max_concurrent_jobs": (1, 64)}
 
 # The one closed set of operations, with their arguments.
 OPS: dict[str, dict[str, Arg]] = {
@@ -74,8 +81,10 @@ OPS: dict[str, dict[str, Arg]] = {
         "text": Arg(str, required=True),  # the job file's TOML
         "source": Arg(str, default=""),  # its path, for messages and relative paths
         "name": Arg(str, default=""),  # overrides [job].name
+        # higher runs first; equal priorities run in submission order
+        "priority": Arg(int, default=0, minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
     },
-    "list": {"all": Arg(bool, default=True), "states": Arg(list, default=None)},
+    "list": {"all": Arg(bool, default=True), "states": _STATES},
     "show": {"job": _JOB, "events": Arg(int, default=50, minimum=0, maximum=100_000)},
     "cancel": {"job": _JOB},
     "retry": {"job": _JOB},
@@ -83,9 +92,20 @@ OPS: dict[str, dict[str, Arg]] = {
         "job": _JOB,
         "lines": Arg(int, default=100, minimum=0, maximum=100_000),
         # return only lines with a sequence number above this (follow mode)
-        "after": Arg(int, default=None, minimum=0),
+        "after": Arg(int, default=None, minimum=0, maximum=2**62),
+        "timestamps": Arg(bool, default=False),
     },
     "metrics": {"job": _JOB, "limit": Arg(int, default=1000, minimum=1, maximum=1_000_000)},
+    # queue control
+    "remove": {"jobs": _JOBS, "delete_outputs": Arg(bool, default=False)},
+    "clean": {"states": _STATES, "delete_outputs": Arg(bool, default=False)},
+    "pause": {},
+    "resume": {},
+    "move": {"job": _JOB, "to": Arg(str, default=None, choices=("first", "last")),
+             "priority": Arg(int, default=None, minimum=PRIORITY_RANGE[0],
+                             maximum=PRIORITY_RANGE[1])},
+    "config": {"key": Arg(str, default=None, choices=tuple(RUNTIME_SETTINGS)),
+               "value": Arg(int, default=None), "reset": Arg(bool, default=False)},
 }
 
 
@@ -101,27 +121,57 @@ class Request(NamedTuple):
     args: dict[str, Any]
 
 
-def parse_request(payload: bytes) -> Request:
-    """Parse and validate one request; raise FluxgymError saying what to fix."""
+def request_id(obj: Any) -> str:
+    """The id to answer with, from whatever arrived: a reply always carries the request's
+    id when it had a usable one, even when the rest of the request is refused."""
+    if isinstance(obj, dict):
+        rid = obj.get("id", "")
+        if isinstance(rid, str) and _clean_text(rid) and len(rid) <= 256:
+            return rid
+        if isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 2**63:
+            return str(rid)
+    return ""
+
+
+def _clean_text(value: str) -> bool:
+    """True when a string can be stored and echoed: valid UTF-8 (JSON admits lone
+    surrogates such as \\ud800, which SQLite and our log files cannot hold)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_request(payload: bytes) -> Any:
     if len(payload) > MAX_MESSAGE_BYTES:
         raise FluxgymError(
             ErrorCode.TOO_LARGE,
             f"request is {len(payload)} bytes; the limit is {MAX_MESSAGE_BYTES} bytes",
         )
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FluxgymError(ErrorCode.BAD_JSON, f"request is not valid UTF-8 JSON: {e}") from None
+
+
+def parse_request(payload: bytes) -> Request:
+    """Parse and validate one request; raise FluxgymError saying what to fix."""
+    return validate_request(decode_request(payload))
+
+
+def validate_request(obj: Any) -> Request:
     if not isinstance(obj, dict):
         raise FluxgymError(ErrorCode.BAD_JSON, "request must be a JSON object")
     rid = obj.get("id", "")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise FluxgymError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or request_id(obj) != str(rid):
+        raise FluxgymError(ErrorCode.BAD_REQUEST, "'id' must be a string (at most 256 "
+                           "characters of valid UTF-8) or an integer")
     v = obj.get("v")
-    if v != PROTOCOL_VERSION:
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
         raise FluxgymError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {v!r} is not supported; this daemon speaks version "
+            f"protocol version {v!r:.40} is not supported; this daemon speaks version "
             f"{PROTOCOL_VERSION} (upgrade fluxgymctl and fluxgymd together)",
         )
     op = obj.get("op")
@@ -129,12 +179,21 @@ def parse_request(payload: bytes) -> Request:
         raise FluxgymError(ErrorCode.BAD_REQUEST, "'op' must be a string naming an operation")
     if op not in OPS:
         raise FluxgymError(
-            ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(sorted(OPS))}"
+            ErrorCode.UNKNOWN_OP, f"unknown op {op!r:.60}; known ops: {', '.join(sorted(OPS))}"
         )
     args = obj.get("args", {})
+    if args is None:
+        args = {}
     if not isinstance(args, dict):
         raise FluxgymError(ErrorCode.BAD_ARGS, "'args' must be a JSON object")
     return Request(id=str(rid), op=op, args=check_args(op, args))
+
+
+def _is(value: Any, t: type | tuple[type, ...]) -> bool:
+    # JSON true is not the integer 1, and an integer is not a bool
+    if isinstance(value, bool):
+        return t is bool or (isinstance(t, tuple) and bool in t)
+    return isinstance(value, t)
 
 
 def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +201,9 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(args) - set(spec))
     if unknown:
         known = ", ".join(sorted(spec)) or "none"
+        shown = ", ".join(repr(u)[:40] for u in unknown[:5])
         raise FluxgymError(
-            ErrorCode.BAD_ARGS, f"{op}: unknown argument(s) {', '.join(unknown)} (known: {known})"
+            ErrorCode.BAD_ARGS, f"{op}: unknown argument(s) {shown} (known: {known})"
         )
     out: dict[str, Any] = {}
     for name, arg in spec.items():
@@ -153,14 +213,22 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
             out[name] = arg.default
             continue
         value = args[name]
-        ok = isinstance(value, arg.type) and not (
-            isinstance(value, bool) and arg.type is int
-        )
-        if not ok:
+        if not _is(value, arg.type):
             raise FluxgymError(
                 ErrorCode.BAD_ARGS,
                 f"{op}: argument {name!r} must be {_type_name(arg.type)}, got {value!r:.60}",
             )
+        if isinstance(value, list):
+            if arg.items is not None and not all(_is(x, arg.items) for x in value):
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} must be a list "
+                                   f"of {_type_name(arg.items)[2:]}s, got {value!r:.60}")
+            if len(value) > 10_000:
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} has "
+                                   f"{len(value)} items; at most 10000")
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str) and not _clean_text(text):
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} holds text "
+                                   "that is not valid UTF-8 (a lone surrogate)")
         if arg.minimum is not None and value < arg.minimum or \
                 arg.maximum is not None and value > arg.maximum:
             raise FluxgymError(
@@ -168,6 +236,9 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
                 f"{op}: argument {name!r} must be between {arg.minimum} and "
                 f"{arg.maximum if arg.maximum is not None else 'any'}, got {value}",
             )
+        if arg.choices is not None and value not in arg.choices:
+            raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} must be one of "
+                               f"{', '.join(arg.choices)}, got {value!r:.60}")
         out[name] = value
     return out
 

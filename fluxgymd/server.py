@@ -20,7 +20,9 @@ from .protocol import (
     FluxgymError,
     error_reply,
     ok_reply,
-    parse_request,
+    decode_request,
+    request_id,
+    validate_request,
 )
 from .states import InvalidTransition
 
@@ -43,8 +45,9 @@ async def handle_frames(frames: list[bytes], handlers: dict[str, Handler]) -> li
         )]
     rid = ""
     try:
-        req = parse_request(body[0])
-        rid = req.id
+        obj = decode_request(body[0])
+        rid = request_id(obj)  # from here on, even a refusal carries the caller's id
+        req = validate_request(obj)
         result = handlers[req.op](req.args)
         if inspect.isawaitable(result):
             result = await result

@@ -47,10 +47,18 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+# Jobs that nothing runs or will run by itself: `remove` and `clean` may forget them.
+REMOVABLE = frozenset({S.QUEUED, S.INTERRUPTED}) | FINISHED
+
+
 class InvalidTransition(Exception):
-    def __init__(self, old: JobState, new: JobState):
-        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[old])) or "none"
-        super().__init__(f"a {old.value} job cannot become {new.value} (allowed: {allowed})")
+    def __init__(self, old: JobState, new: JobState | None):
+        if new is None:  # a removal
+            super().__init__(f"a {old.value} job cannot be removed; cancel it first (only "
+                             f"{', '.join(sorted(s.value for s in REMOVABLE))} jobs can be)")
+        else:
+            allowed = ", ".join(sorted(s.value for s in TRANSITIONS[old])) or "none"
+            super().__init__(f"a {old.value} job cannot become {new.value} (allowed: {allowed})")
         self.old, self.new = old, new
 
 
@@ -59,3 +67,10 @@ def check_transition(old: JobState | str, new: JobState | str) -> tuple[JobState
     if new not in TRANSITIONS[old]:
         raise InvalidTransition(old, new)
     return old, new
+
+
+def check_removal(state: JobState | str) -> JobState:
+    state = JobState(state)
+    if state not in REMOVABLE:
+        raise InvalidTransition(state, None)
+    return state

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 from .protocol import ErrorCode, FluxgymError
-from .states import JobState, check_transition
+from .states import JobState, check_removal, check_transition
 
 MIGRATIONS: list[str] = [
     # 1: jobs, their transition history and their loss curves
@@ -72,6 +74,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN no_progress INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: queue priorities; the store's own identity and run-time settings (queue paused,
+    # max_concurrent_jobs) that outlive a restart
+    """
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX jobs_state;
+    CREATE INDEX jobs_queue ON jobs(state, priority DESC, queued_at, id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -83,6 +93,12 @@ UPDATABLE = frozenset(
         "cancel_requested", "attempts", "restarts", "no_progress", "started_at",
     }
 )
+# The tables a damaged database is recovered from, row by row, in this order.
+RECOVERED_TABLES = ("meta", "jobs", "events", "metrics")
+RECOVER_HINT = (
+    "stop fluxgymd and run `fluxgymd --recover-db` (with the same --state-dir or --config): "
+    "it keeps the damaged file beside the new one and copies every row that can still be read"
+)
 
 
 class StoreError(Exception):
@@ -90,16 +106,53 @@ class StoreError(Exception):
 
 
 class Store:
-    def __init__(self, path: Path, clock=time.time):
+    def __init__(self, path: Path, clock=time.time, check: bool = True):
         self.path = Path(path)
         self.clock = clock
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a reclaimed spot instance must not forget a job it had acknowledged.
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a reclaimed spot instance must not forget a job it had acknowledged.
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            if check:
+                self._check_integrity()
+            self._migrate()
+            self.id = self._store_id()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreError(f"{self.path} is damaged ({e}); {RECOVER_HINT}") from None
+
+    def _check_integrity(self) -> None:
+        """A page damaged in the middle of the file opens fine and fails later, in the
+        middle of a restore: read every page now, once, and refuse with what to do."""
+        rows = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+        if rows != ["ok"]:
+            raise StoreError(f"{self.path} is damaged ({'; '.join(rows)[:300]}); {RECOVER_HINT}")
+
+    def _store_id(self) -> str:
+        """A random id for this database: output folders are marked with it, so a store
+        that is recreated never adopts another store's folders."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row:
+            return row[0]
+        new = uuid.uuid4().hex
+        self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (new,))
+        return self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+
+    # --- run-time settings ----------------------------------------------------------
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", ("setting." + key,)).fetchone()
+        return row[0] if row else default
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        with self._tx():
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key = ?", ("setting." + key,))
+            else:
+                self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                                "DO UPDATE SET value = excluded.value", ("setting." + key, value))
 
     def close(self) -> None:
         self.db.close()
@@ -129,7 +182,10 @@ class Store:
         self.db.execute("COMMIT")
 
     # --- jobs -----------------------------------------------------------------------
-    def add_job(self, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    def add_job(self, spec: dict[str, Any], output_dir: Path, priority: int = 0,
+                prepare=None) -> dict[str, Any]:
+        """Queue a job. `prepare(job_id)` runs inside the transaction (the daemon claims the
+        output folder there): when it raises, the job was never added."""
         now = self.clock()
         with self._tx():
             taken = self.db.execute(
@@ -144,12 +200,14 @@ class Store:
                 )
             cur = self.db.execute(
                 "INSERT INTO jobs (name, kind, spec, output_dir, state, reason, created_at,"
-                " queued_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " queued_at, updated_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (spec["name"], spec["kind"], json.dumps(spec), str(output_dir),
-                 JobState.QUEUED.value, "submitted", now, now, now),
+                 JobState.QUEUED.value, "submitted", now, now, now, priority),
             )
             job_id = cur.lastrowid
             self._event(job_id, None, JobState.QUEUED, "submitted", now)
+            if prepare is not None:
+                prepare(job_id)
         return self.get(job_id)
 
     def _event(self, job_id: int, old, new, reason: str, now: float) -> None:
@@ -197,7 +255,8 @@ class Store:
         return _job(row)
 
     def find(self, ref: str) -> dict[str, Any]:
-        """A job by id (all digits) or by name."""
+        """A job by id (all digits) or by name. Names are never all digits (jobspec refuses
+        them), so an id and a name cannot be confused."""
         ref = str(ref).strip()
         if ref.isdigit():
             row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (int(ref),)).fetchone()
@@ -224,9 +283,54 @@ class Store:
 
     def next_queued(self, limit: int) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY queued_at, id LIMIT ?", (limit,)
+            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, queued_at, id"
+            " LIMIT ?", (limit,)
         )
         return [_job(r) for r in rows]
+
+    def move(self, job_id: int, to: str | None, priority: int | None) -> dict[str, Any]:
+        """Reorder a queued job: a new priority, and/or to the front or back of the queued
+        jobs (taking the first's or last's priority)."""
+        with self._tx():
+            row = self.db.execute("SELECT state, priority, queued_at FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            if row is None:
+                raise FluxgymError(ErrorCode.NOT_FOUND, f"no job with id {job_id}")
+            if row["state"] != JobState.QUEUED.value:
+                raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job_id} is {row['state']}; "
+                                   "only queued jobs can be moved")
+            fields: dict[str, Any] = {}
+            if priority is not None:
+                fields["priority"] = priority
+            if to is not None:
+                q = self.db.execute(
+                    "SELECT MAX(priority) AS hi, MIN(priority) AS lo, MIN(queued_at) AS first,"
+                    " MAX(queued_at) AS last FROM jobs WHERE state = 'queued' AND id != ?",
+                    (job_id,)).fetchone()
+                if q["first"] is not None:
+                    if to == "first":
+                        fields.update(priority=max(q["hi"], fields.get("priority", q["hi"])),
+                                      queued_at=q["first"] - 1e-3)
+                    else:
+                        fields.update(priority=min(q["lo"], fields.get("priority", q["lo"])),
+                                      queued_at=q["last"] + 1e-3)
+            if fields:
+                fields["updated_at"] = self.clock()
+                self._set(job_id, fields)
+        return self.get(job_id)
+
+    def remove(self, job_id: int) -> dict[str, Any]:
+        """Forget a job: its row, history and loss curve, in one transaction. Only jobs
+        that nothing runs (states.REMOVABLE) can go."""
+        with self._tx():
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise FluxgymError(ErrorCode.NOT_FOUND, f"no job with id {job_id}")
+            check_removal(row["state"])
+            for table in ("metrics", "events"):
+                self.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return _job(row)
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -262,3 +366,74 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job["spec"] = json.loads(job["spec"])
     job["cancel_requested"] = bool(job["cancel_requested"])
     return job
+
+
+def recover(path: Path) -> dict[str, Any]:
+    """Copy every row that can still be read from a damaged database into a new one at
+    `path`; the damaged file is renamed beside it. Returns what was kept and lost."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    damaged = path.with_name(f"{path.name}.damaged-{stamp}")
+    os.replace(path, damaged)
+    for suffix in ("-wal", "-shm"):  # they belong to the damaged file now
+        side = Path(str(path) + suffix)
+        if side.exists():
+            os.replace(side, Path(str(damaged) + suffix))
+    old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, isolation_level=None)
+    new = Store(path, check=False)
+    report: dict[str, Any] = {"damaged": str(damaged), "tables": {}}
+    try:
+        for table in RECOVERED_TABLES:
+            report["tables"][table] = _copy_rows(old, new.db, table)
+    finally:
+        old.close()
+        new.close()
+    return report
+
+
+def _copy_rows(old: sqlite3.Connection, new: sqlite3.Connection, table: str) -> dict[str, int]:
+    """Rows in rowid order; a page that cannot be read is skipped and the scan goes on
+    after it."""
+    try:
+        cols = [r[1] for r in old.execute(f"PRAGMA table_info({table})")]
+        top = old.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        cols, top = [], 0
+    keep = [c for c in cols if c in
+            {r[1] for r in new.execute(f"PRAGMA table_info({table})")}]
+    copied = lost = 0
+    after = 0
+    if not keep:
+        return {"copied": 0, "unreadable": 0}
+    names = ", ".join(keep)
+    marks = ", ".join("?" * len(keep))
+    new.execute("BEGIN")
+    while after < top:
+        try:
+            rows = old.execute(f"SELECT rowid, {names} FROM {table} WHERE rowid > ? "
+                               "ORDER BY rowid LIMIT 500", (after,)).fetchall()
+        except sqlite3.DatabaseError:
+            rows = None
+        if rows is None:  # read one at a time past the bad page
+            after += 1
+            try:
+                row = old.execute(f"SELECT rowid, {names} FROM {table} WHERE rowid = ?",
+                                  (after,)).fetchone()
+            except sqlite3.DatabaseError:
+                lost += 1
+                continue
+            rows = [row] if row else []
+            if not rows:
+                continue
+        if not rows:
+            break
+        for row in rows:
+            try:
+                new.execute(f"INSERT OR REPLACE INTO {table} (rowid, {names}) VALUES (?, {marks})",
+                            tuple(row))
+                copied += 1
+            except sqlite3.DatabaseError:
+                lost += 1
+            after = row[0]
+    new.execute("COMMIT")
+    return {"copied": copied, "unreadable": lost}

@@ -158,6 +158,8 @@ class Watch:
 OOM_PATTERNS = re.compile(
     r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
     r"HIP out of memory|MPS backend out of memory|DefaultCPUAllocator: can't allocate memory")
+DISK_FULL = re.compile(r"No space left on device|ENOSPC|Disk quota exceeded")
+EXIT_USAGE = 2  # the trainer's "fix the job" exit: a dataset, a setting, a checkpoint
 OOM_ADVICE = ("out of memory: lower train_batch_size, turn on gradient_checkpointing, or "
               "lower the resolution, then retry")
 
@@ -174,6 +176,7 @@ class Ending:
     daemon_stopping: bool = False
     progress: int | None = None  # newest checkpoint step at the end of the attempt
     last_output: str = ""  # the child's last non-empty line: often the error itself
+    contract: bool = False  # the child is our trainer (its exit 2 means: fix the job)
 
     @property
     def what(self) -> str:
@@ -202,6 +205,17 @@ def backoff(limits: Limits, restarts_done: int) -> float:
     return min(limits.backoff_max_s, limits.backoff_s * (2 ** restarts_done))
 
 
+def trainer_message(tail: str) -> str:
+    """The trainer's own error: its last `trainer: ...` line and the indented lines under it
+    (a list of problems)."""
+    lines = tail.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("trainer: "):
+            more = [l.strip() for l in lines[i + 1:] if l.startswith("  ")]
+            return " ".join([lines[i][len("trainer: "):].strip(), *more])[:1000]
+    return ""
+
+
 def after_exit(e: Ending, budget: Budget, limits: Limits) -> Outcome:
     """What an attempt's end means. The order of the rules is the policy."""
     if e.cancelled:
@@ -219,6 +233,14 @@ def after_exit(e: Ending, budget: Budget, limits: Limits) -> Outcome:
     if e.oom_killed or OOM_PATTERNS.search(e.output_tail):
         how = "killed by the kernel's OOM killer" if e.oom_killed else e.what
         return Outcome("failed", f"{how}: {OOM_ADVICE}", budget=budget)
+    # What cannot work by trying again: fail at once with the child's own words.
+    if e.contract and e.code == EXIT_USAGE:
+        return Outcome("failed", f"{trainer_message(e.output_tail) or e.what} (exit 2: not "
+                       "retried; fix the job, then `fluxgymctl retry` it)", budget=budget)
+    if e.code not in (0, EXIT_INTERRUPTED) and DISK_FULL.search(e.output_tail):
+        return Outcome("failed", f"{e.what}: the disk is full; free space under the job's "
+                       "output folder, then `fluxgymctl retry` it (not retried meanwhile)",
+                       budget=budget)
 
     moved = e.progress is not None and (budget.progress_at_start is None
                                         or e.progress > budget.progress_at_start)

@@ -21,8 +21,9 @@ def test_lora_job_trains_to_a_finished_lora_with_progress_in_the_store(daemon, t
     assert (j["state"], j["step"], j["total_steps"]) == ("succeeded", 30, 30)
     assert j["checkpoint"].endswith("tiny-lora/checkpoints/step-00000030")
     assert j["checkpoint_step"] == 30 and j["loss"] is not None
-    assert j["phase"] in ("saving", "training")
+    assert j["phase"] is None  # no stale phase once finished
     out = daemon.outputs_dir / "tiny-lora"
+    assert j["lora"] == str(out / "tiny-lora.safetensors")
     assert (out / "tiny-lora.safetensors").exists() and (out / "job.toml").exists()
     metrics = daemon.call("metrics", job="tiny-lora")["metrics"]
     assert [m["step"] for m in metrics][-1] == 30 and len(metrics) >= 20  # a few may drop

@@ -98,8 +98,8 @@ def test_a_cancel_in_flight_survives_a_daemon_crash(daemon_factory, short_tmp):
     d.ctl("cancel", "doomed", "--no-wait", check=True)
     d.stop(signal.SIGKILL)
     d.config["watchdog__kill_grace_s"] = 1.0
-    d.start()
+    d.start()  # answers while it still stops the leftover group
+    wait_until(lambda: d.job("doomed")["state"] == "cancelled", 15, what="restore to finish")
     job = d.job("doomed")
-    assert job["state"] == "cancelled"
     assert "cancelled (fluxgymd restarted before it stopped)" in job["reason"]
     wait_until(lambda: not pid_alive(pid), 10, what="the cancelled job's process to die")

@@ -51,6 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, TrainError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        # retrying cannot help until someone frees space: exit 2, the job to fix
+        print(f"trainer: the disk is full (No space left on device) writing under {out}: "
+              f"{e}; free space there, then retry the job", file=sys.stderr)
+        return 2
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC, as an OSError or as torch.save's RuntimeError ("file write failed")."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "write failed" in text
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # checkpoints
     save_every_n_steps: int = 0  # 0: off
-    save_every_n_epochs: int = 1  # 0: off
+    save_every_n_epochs: int = 1  # 0: off; 0 too when only save_every_n_steps is set
     save_last_n_checkpoints: int = 2  # at least 2
     # samples
     sample_prompts: list[str] = field(default_factory=list)
@@ -96,6 +96,14 @@ def _type_of(name: str) -> type:
     return type(getattr(_DEFAULTS, name))
 
 
+# Words people bring from other trainers, and the key that means the same here.
+ALIASES = {"rank": "network_dim", "lora_rank": "network_dim", "dim": "network_dim",
+           "alpha": "network_alpha", "lora_alpha": "network_alpha", "lr": "learning_rate",
+           "steps": "max_train_steps", "epochs": "max_train_epochs",
+           "batch_size": "train_batch_size", "model": "pretrained_model",
+           "dataset": "dataset_dir", "pretrained_model_name_or_path": "pretrained_model"}
+
+
 def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
     """Validate a [train] table; raise TrainConfigError listing every problem."""
     problems: list[str] = []
@@ -103,7 +111,8 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
     values: dict[str, Any] = {}
     for key, value in section.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            close = [ALIASES[key]] if key in ALIASES else \
+                difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             problems.append(f"unknown key train.{key}"
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
@@ -129,6 +138,9 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
                             f"{', '.join(_CHOICES[key])}{hint}")
             continue
         values[key] = value
+    if values.get("save_every_n_steps") and "save_every_n_epochs" not in section:
+        # one interval asked for means only that one: the epoch default would interleave
+        values["save_every_n_epochs"] = 0
     cfg = TrainConfig(**values)
     for key in ("pretrained_model", "dataset_dir"):
         path = getattr(cfg, key)

@@ -20,9 +20,19 @@ from typing import Any
 EXIT_INTERRUPTED = 75
 
 
+class StopNow(BaseException):
+    """A stop outside the step loop (loading, caching): there is nothing to save, so the
+    trainer leaves at once with 75. BaseException, so no `except Exception` swallows it."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
 class Stop:
-    """Set by SIGTERM/SIGINT/SIGABRT; the loop checks it between steps. A second SIGINT (an
-    impatient Ctrl-C) stops at once, without a checkpoint.
+    """Set by SIGTERM/SIGINT/SIGABRT. While `deferred` (the step loop) the loop checks it
+    between steps and checkpoints; before that, a stop raises StopNow at once. A second
+    SIGINT (an impatient Ctrl-C) stops at once, without a checkpoint.
 
     SIGABRT is what systemd's watchdog sends to the whole service cgroup when the daemon
     wedges: checkpointing then saves the steps since the last one. An abort() from native
@@ -30,6 +40,7 @@ class Stop:
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.deferred = False
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGABRT):
             signal.signal(sig, self._on_signal)
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
@@ -38,6 +49,8 @@ class Stop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if not self.deferred:
+            raise StopNow(self.requested)
 
     def __bool__(self) -> bool:
         return self.requested is not None

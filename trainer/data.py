@@ -17,6 +17,13 @@ class DatasetError(Exception):
     pass
 
 
+def max_caption_chars(t5_tokens: int) -> int:
+    """The longest caption worth reading: no T5 or CLIP token covers 32 characters, so text
+    past this can never reach the encoders (which cut at t5xxl_max_token_length tokens).
+    A 10 MB caption file otherwise held the tokenizer for minutes."""
+    return 32 * max(t5_tokens, 77)
+
+
 @dataclass(frozen=True)
 class Item:
     path: str
@@ -26,15 +33,21 @@ class Item:
     sha256: str  # of the file's bytes: the cache key
 
 
-def _caption(image_path: str, trigger: str) -> str:
+def _caption(image_path: str, trigger: str, max_chars: int = 0, warn=None) -> str:
     cap_path = os.path.splitext(image_path)[0] + CAPTION_EXT
     caption = ""
     if os.path.exists(cap_path):
         try:
-            with open(cap_path, encoding="utf-8") as fh:
-                caption = " ".join(fh.read().split())
+            with open(cap_path, encoding="utf-8", errors="strict") as fh:
+                text = fh.read(max_chars + 1) if max_chars else fh.read()
         except (OSError, UnicodeDecodeError) as e:
             raise DatasetError(f"caption {cap_path} cannot be read: {e}") from None
+        if max_chars and len(text) > max_chars:
+            text = text[:max_chars]
+            if warn:
+                warn(f"warning: caption {cap_path} is longer than the text encoders can use; "
+                     f"only its first {max_chars} characters are read")
+        caption = " ".join(text.split())
     if trigger:
         # the trigger word goes first, once
         rest = caption[len(trigger):].lstrip(" ,") if caption.startswith(trigger) else caption
@@ -42,8 +55,10 @@ def _caption(image_path: str, trigger: str) -> str:
     return caption
 
 
-def scan(dataset_dir: str, trigger: str = "") -> list[Item]:
-    """Every image in the folder (sorted by name), checked to open; errors name the file."""
+def scan(dataset_dir: str, trigger: str = "", max_chars: int = 0, warn=None,
+         resolution: int = 0) -> list[Item]:
+    """Every image in the folder (sorted by name), checked to open; errors name the file.
+    `warn` hears of captions cut at `max_chars` and images smaller than `resolution`."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isdir(dataset_dir):
@@ -70,7 +85,10 @@ def scan(dataset_dir: str, trigger: str = "") -> list[Item]:
                 width, height = img.size
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise DatasetError(f"{path} cannot be read as an image: {e}") from None
-        items.append(Item(path, _caption(path, trigger), width, height,
+        if warn and resolution and width * height < resolution * resolution * 0.9:
+            warn(f"warning: {path} is {width}x{height}, smaller than the {resolution}px "
+                 "buckets it trains in: it is upscaled, and the LoRA learns the blur")
+        items.append(Item(path, _caption(path, trigger, max_chars, warn), width, height,
                           hashlib.sha256(data).hexdigest()))
     if not items:
         raise DatasetError(f"dataset folder {dataset_dir} holds no images "

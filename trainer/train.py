@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .contract import EXIT_INTERRUPTED, Reporter, Stop
-from .data import assign_bucket, buckets, dataset_hash, epoch_batches, scan
+from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
+from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
+                   scan)
 
 # Settings a checkpoint must agree with to be resumed from: anything that changes what the
 # saved state means. max_train_steps may change (train longer); these may not.
@@ -58,13 +59,18 @@ def run(cfg: TrainConfig, name: str, out: str, fresh: bool) -> int:
     rep = Reporter()
     try:
         return _run(cfg, name, out, fresh, stop, rep)
+    except StopNow as e:
+        rep.say(f"stopped by {e.signame} before training started; nothing to save "
+                "(exit 75, resumable)")
+        return EXIT_INTERRUPTED
     finally:
         rep.close()
 
 
 def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Reporter) -> int:
     rep.phase("loading", f"{cfg.pretrained_model}")
-    items = scan(cfg.dataset_dir, cfg.trigger_word)
+    items = scan(cfg.dataset_dir, cfg.trigger_word, max_caption_chars(cfg.t5xxl_max_token_length),
+                 rep.say, cfg.resolution)
     os.makedirs(out, exist_ok=True)
     ckpt_root = os.path.join(out, "checkpoints")
     if fresh and os.path.isdir(ckpt_root):
@@ -226,6 +232,9 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         return epoch_cache[epoch][pos]
 
     rep.phase("training", f"steps {start}..{p.total_steps}, {n_batches} batches per epoch")
+    stop.deferred = True  # from here a stop waits for the step boundary and a checkpoint
+    if stop:
+        raise StopNow(stop.requested)
     rep.start_bar(start, p.total_steps)
     transformer.train()
     last_saved = start
