@@ -5,19 +5,31 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import sys
 import time
 from typing import Any
 
 import click
 
+from fluxgymd import __version__
 from fluxgymd.client import Client, DaemonUnavailable, RemoteError
-from fluxgymd.protocol import TOPIC_STATE, log_topic
+from fluxgymd.protocol import (MAX_MESSAGE_BYTES, OPS, PRIORITY_RANGE, RUNTIME_SETTINGS,
+                               TOPIC_STATE, log_topic)
 
 from . import render
 from .exitcodes import Exit
 
 DONE = ("succeeded", "failed", "cancelled")
+# The job file travels inside one request, with room for the envelope.
+MAX_JOB_FILE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+RECONNECT_S = 120.0  # how long logs -f and wait keep trying while fluxgymd restarts
+
+
+def _range(op: str, arg: str) -> click.IntRange:
+    """The daemon's own limits for an argument, checked before anything is sent."""
+    spec = OPS[op][arg]
+    return click.IntRange(spec.minimum, spec.maximum)
 ERROR_EXIT = {"not_found": Exit.NOT_FOUND, "ambiguous": Exit.NOT_FOUND,
               "internal": Exit.DAEMON_ERROR}
 
@@ -26,6 +38,7 @@ class Ctx:
     def __init__(self, runtime_dir: str | None, timeout: float, as_json: bool):
         self.runtime_dir, self.timeout, self.json = runtime_dir, timeout, as_json
         self._client: Client | None = None
+        self.reached = False  # fluxgymd answered once: later silence is a restart
 
     @property
     def client(self) -> Client:
@@ -34,7 +47,9 @@ class Ctx:
         return self._client
 
     def call(self, op: str, **args: Any) -> Any:
-        return self.client.call(op, **args)
+        result = self.client.call(op, **args)
+        self.reached = True
+        return result
 
 
 def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:
@@ -48,7 +63,8 @@ def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:
 def command(fn):
     """Common to every command: --json, and errors as messages with documented exit codes."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.option("--json", "as_json", is_flag=True,
+                  help="Print JSON (stable field names) instead of text.")
     @click.pass_obj
     @functools.wraps(fn)
     def wrapper(ctx: Ctx, *args, as_json: bool = False, **kwargs):
@@ -66,6 +82,8 @@ def command(fn):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="fluxgymctl",
+                      message="%(prog)s %(version)s")
 @click.option("--runtime-dir", envvar="FLUXGYM_RUNTIME_DIR", metavar="DIR",
               help="fluxgymd's runtime dir (default: $FLUXGYM_RUNTIME_DIR, else the first of "
               "$XDG_RUNTIME_DIR/fluxgymd, /run/fluxgymd, /tmp/fluxgymd-$UID that has a socket).")
@@ -95,7 +113,12 @@ def ping(ctx: Ctx) -> None:
     render.pairs([
         ("fluxgymd", f"{r['version']} (pid {r['pid']}, protocol {r['protocol']}, up "
                      f"{render.duration(r['uptime_s'])})"),
-        ("jobs", r["summary"]), ("runtime dir", r["runtime_dir"]),
+        ("jobs", r["summary"]),
+        ("queue", "paused (fluxgymctl resume starts it)" if r.get("paused") else
+         f"running, {r.get('max_concurrent_jobs')} job(s) at once"),
+        ("command jobs", "allowed" if r.get("allow_command_jobs") else
+         "refused (allow_command_jobs is off)"),
+        ("runtime dir", r["runtime_dir"]),
         ("state dir", r["state_dir"]), ("outputs", r["outputs_dir"]),
         ("round trip", f"{r['round_trip_ms']:.1f} ms"),
     ])
@@ -104,37 +127,91 @@ def ping(ctx: Ctx) -> None:
 @cli.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--name", default="", help="Use this job name instead of the file's job.name.")
+@click.option("--priority", type=click.IntRange(*PRIORITY_RANGE), default=0, show_default=True,
+              help="Higher runs first; equal priorities run in submission order.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the job ends; exit 0 if it "
               "succeeded, 1 if not.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS",
               help="With --wait: give up after this long (exit 6).")
 @command
-def submit(ctx: Ctx, job_file: str, name: str, wait_: bool, wait_timeout: float | None) -> None:
-    """Queue the job described by JOB_FILE (TOML)."""
-    try:
-        with open(job_file, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(ctx, Exit.USAGE, f"cannot read {job_file}: {getattr(e, 'strerror', None) or e}",
-             "usage")
-    job = ctx.call("submit", text=text, source=os.path.abspath(job_file), name=name)
+def submit(ctx: Ctx, job_file: str, name: str, priority: int, wait_: bool,
+           wait_timeout: float | None) -> None:
+    """Queue the job described by JOB_FILE (TOML).
+
+    Exits 0 when the job is queued or running, 1 when it failed at once (the reason is
+    printed), 4 when fluxgymd refused the file."""
+    text = _read_job_file(ctx, job_file)
+    job = ctx.call("submit", text=text, source=os.path.abspath(job_file), name=name,
+                   priority=priority)
+    if not ctx.json:
+        for w in job.get("warnings") or []:
+            click.echo(f"fluxgymctl: warning: {w}", err=True)
     if not wait_:
         if ctx.json:
-            return render.emit_json(job)
-        click.echo(f"job {job['id']} ({job['name']}) {job['state']}; "
-                   f"follow it with: fluxgymctl logs -f {job['name']}")
+            render.emit_json(job)
+        elif job["state"] in DONE:
+            click.echo(f"job {job['id']} ({job['name']}) {job['state']}: {job['reason']}")
+        else:
+            click.echo(f"job {job['id']} ({job['name']}) {job['state']}; "
+                       f"follow it with: fluxgymctl logs -f {job['name']}")
+        if job["state"] in ("failed", "cancelled"):
+            sys.exit(int(Exit.JOB_NOT_SUCCEEDED))
         return
     if not ctx.json:
         click.echo(f"job {job['id']} ({job['name']}) {job['state']}; waiting...")
     _finish_wait(ctx, _wait_for(ctx, str(job["id"]), wait_timeout))
 
 
+def _read_job_file(ctx: Ctx, job_file: str) -> str:
+    """The job file's text, refusing at once what would never be sent: not a regular file
+    (a FIFO, /dev/zero), over the size limit, not UTF-8."""
+    try:
+        fd = os.open(job_file, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        fail(ctx, Exit.USAGE, f"cannot read {job_file}: {e.strerror or e}", "usage")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            fail(ctx, Exit.USAGE, f"{job_file} is not a regular file; give a TOML job file",
+                 "usage")
+        if st.st_size > MAX_JOB_FILE_BYTES:
+            fail(ctx, Exit.USAGE, f"{job_file} is {st.st_size} bytes; a job file may have at "
+                 f"most {MAX_JOB_FILE_BYTES} bytes", "usage")
+        data = os.read(fd, MAX_JOB_FILE_BYTES + 1)
+    except OSError as e:
+        fail(ctx, Exit.USAGE, f"cannot read {job_file}: {e.strerror or e}", "usage")
+    finally:
+        os.close(fd)
+    if len(data) > MAX_JOB_FILE_BYTES:
+        fail(ctx, Exit.USAGE, f"{job_file} is larger than {MAX_JOB_FILE_BYTES} bytes", "usage")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(ctx, Exit.USAGE, f"{job_file} is not UTF-8 text: {e}", "usage")
+    return ""
+
+
 @cli.command()
 @click.option("--state", "states", multiple=True, metavar="STATE",
               help="Only jobs in this state (repeatable).")
+@click.option("-w", "--watch", is_flag=False, flag_value=2.0, type=click.FloatRange(0.2),
+              default=None, metavar="SECONDS", help="Redraw every SECONDS (default 2) until "
+              "Ctrl-C.")
 @command
-def status(ctx: Ctx, states: tuple[str, ...]) -> None:
+def status(ctx: Ctx, states: tuple[str, ...], watch: float | None) -> None:
     """List jobs: state, progress, loss, elapsed time and ETA."""
+    if watch is None:
+        return _status_once(ctx, states)
+    while True:
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo(time.strftime("%H:%M:%S") + f"  every {watch:g}s, Ctrl-C to stop")
+        _status_once(ctx, states)
+        sys.stdout.flush()
+        time.sleep(watch)
+
+
+def _status_once(ctx: Ctx, states: tuple[str, ...]) -> None:
     r = ctx.call("list", states=list(states) or None)
     if ctx.json:
         return render.emit_json(r)
@@ -142,11 +219,13 @@ def status(ctx: Ctx, states: tuple[str, ...]) -> None:
         click.echo("no jobs" + (" in that state" if states else
                                 "; submit one with: fluxgymctl submit JOB_FILE"))
         return
+    if r.get("paused"):
+        click.echo("queue paused: queued jobs wait (fluxgymctl resume)")
     render.table(r["jobs"], [
         ("id", "ID", lambda j: str(j["id"])),
         ("name", "NAME", lambda j: j["name"]),
         ("state", "STATE", lambda j: j["state"]),
-        ("progress", "PROGRESS", lambda j: render.percent(j["progress"])),
+        ("progress", "PROGRESS", render.progress),
         ("step", "STEP", render.steps),
         ("loss", "LOSS", lambda j: render.number(j["loss"])),
         ("elapsed_s", "ELAPSED", lambda j: render.duration(j["elapsed_s"])),
@@ -170,6 +249,7 @@ def show(ctx: Ctx, job: str) -> None:
         ("state", f"{j['state']}: {j['reason']}"),
         ("progress", f"{render.steps(j)} ({render.percent(j['progress'])}), phase "
                      f"{j['phase'] or '-'}"),
+        ("priority", str(j.get("priority", 0))),
         ("loss / lr", f"{render.number(j['loss'])} / {render.number(j['lr'])}"),
         ("attempts", f"{j['attempts']} (restarts {j['restarts']})"),
         ("pid", str(j["pid"] or "-")),
@@ -185,6 +265,7 @@ def show(ctx: Ctx, job: str) -> None:
                      f"{render.duration(j['watchdog']['step_limit_s'])}"),
         ("GPU rule", j["watchdog"]["gpu"]),
         ("output dir", j["output_dir"]),
+        ("LoRA", j.get("lora") or "-"),
         ("log", j["log_file"]),
     ])
     click.echo("")
@@ -196,55 +277,113 @@ def show(ctx: Ctx, job: str) -> None:
     ], title="history")
 
 
-@cli.command()
+@cli.command(short_help="Print or follow (-f) a job's output.")
 @click.argument("job")
-@click.option("-n", "--lines", default=50, show_default=True, help="How many lines to show.")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("-n", "--lines", default=50, show_default=True, type=_range("logs", "lines"),
+              help="How many lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the job "
+              "ends; survives a restart of fluxgymd.")
+@click.option("-t", "--timestamps", is_flag=True, help="Prefix each line with when fluxgymd "
+              "received it (lines from before its last start show '-').")
 @command
-def logs(ctx: Ctx, job: str, lines: int, follow: bool) -> None:
-    """Print the output of JOB (stdout and stderr, tqdm bars split into lines)."""
+def logs(ctx: Ctx, job: str, lines: int, follow: bool, timestamps: bool) -> None:
+    """Print a job's output (stdout and stderr, tqdm bars split into lines).
+
+    With --json, one JSON object per line: {"seq", "line"} (and "time" with -t)."""
     if not follow:
-        r = ctx.call("logs", job=job, lines=lines)
+        r = ctx.call("logs", job=job, lines=lines, timestamps=timestamps)
         if ctx.json:
             return render.emit_json(r)
-        _print_lines(r["lines"])
+        _print_lines(r["lines"], times=r.get("times") if timestamps else None)
         return
-    _follow(ctx, job, lines)
+    _follow(ctx, job, lines, timestamps)
 
 
-def _print_lines(lines: list[str], as_json: bool = False, first: int | None = None) -> None:
+def _stamp(t: float | None) -> str:
+    if t is None:
+        return "-".ljust(23)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def _print_lines(lines: list[str], as_json: bool = False, first: int | None = None,
+                 times: list[float | None] | None = None) -> None:
     if as_json:
         for i, line in enumerate(lines):
             seq = None if first is None else first + i
-            sys.stdout.write(json.dumps({"seq": seq, "line": line}) + "\n")
+            obj: dict[str, Any] = {"seq": seq, "line": line}
+            if times is not None:
+                obj["time"] = times[i] if i < len(times) else None
+            sys.stdout.write(json.dumps(obj) + "\n")
     elif lines:
+        if times is not None:
+            lines = [f"{_stamp(times[i] if i < len(times) else None)}  {line}"
+                     for i, line in enumerate(lines)]
         sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
 
 
-def _follow(ctx: Ctx, ref: str, n: int) -> None:
+def _notice(ctx: Ctx, text: str) -> None:
+    """A line about the stream itself (a gap, a restart): on stderr, so stdout stays the
+    job's own lines; in --json mode an object with "notice"."""
+    if ctx.json:
+        sys.stdout.write(json.dumps({"notice": text}) + "\n")
+        sys.stdout.flush()
+    else:
+        click.echo(f"fluxgymctl: {text}", err=True)
+
+
+def _reconnecting(ctx: Ctx, fn, *args, **kwargs):
+    """Call fn; while fluxgymd is away (restarting), say so once and try again for up to
+    RECONNECT_S seconds."""
+    deadline = None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except DaemonUnavailable as e:
+            if not ctx.reached:
+                raise  # never there at all: say so at once
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + RECONNECT_S
+                _notice(ctx, f"lost fluxgymd ({str(e).split(';')[0]}); reconnecting for up to "
+                        f"{RECONNECT_S:g}s")
+            elif now >= deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        if deadline is not None:
+            _notice(ctx, "reconnected to fluxgymd")
+        return result
+
+
+def _follow(ctx: Ctx, ref: str, n: int, timestamps: bool = False) -> None:
     """Tail, then stream. Live lines come from the events socket; any gap (a late
-    subscription, a dropped event, a daemon restart) is filled from the daemon's numbered
-    ring, so no line is lost or printed twice."""
-    job_id = ctx.call("show", job=ref, events=0)["id"]
+    subscription, a dropped event, a restart of fluxgymd) is filled by number from the
+    daemon, which numbers a job's lines as they stand in train.log, across restarts. A gap
+    that cannot be filled is announced, never silent."""
+    call = functools.partial(_reconnecting, ctx, ctx.call)
+    job_id = call("show", job=ref, events=0)["id"]
     sub = ctx.client.subscribe(log_topic(job_id), TOPIC_STATE)
     try:
-        r = ctx.call("logs", job=str(job_id), lines=n)
-        _print_lines(r["lines"], ctx.json)
+        r = call("logs", job=str(job_id), lines=n, timestamps=timestamps)
+        _print_lines(r["lines"], ctx.json, (r["seq"] or 0) - len(r["lines"]) + 1,
+                     r.get("times") if timestamps else None)
         last, epoch = r["seq"] or 0, r.get("epoch")
 
         def fill() -> dict:
             nonlocal last, epoch
             while True:
-                r = ctx.call("logs", job=str(job_id), after=last, lines=5000)
-                if r.get("epoch") != epoch:  # the daemon restarted: its numbering did too
-                    epoch, last = r.get("epoch"), 0
-                    continue
-                if r["gap"]:
-                    _print_lines(["... (some lines were dropped from memory; see "
-                                  "train.log) ..."], ctx.json)
+                r = call("logs", job=str(job_id), after=last, lines=5000, timestamps=timestamps)
+                if r.get("epoch") != epoch:
+                    _notice(ctx, "fluxgymd restarted; following on from line "
+                            f"{last + 1} of train.log")
+                    epoch = r.get("epoch")
+                if r["lines"] and r["first"] > last + 1:
+                    _notice(ctx, f"lines {last + 1}-{r['first'] - 1} are no longer kept "
+                            "(see train.log and its rotated copies)")
                 if r["lines"]:
-                    _print_lines(r["lines"], ctx.json, r["first"])
+                    _print_lines(r["lines"], ctx.json, r["first"],
+                                 r.get("times") if timestamps else None)
                     last = r["first"] + len(r["lines"]) - 1
                 if len(r["lines"]) < 5000:
                     return r
@@ -254,9 +393,9 @@ def _follow(ctx: Ctx, ref: str, n: int) -> None:
             for topic, ev in sub.events(timeout=1.0):
                 quiet = False
                 if topic == TOPIC_STATE:
-                    done = done or (ev["id"] == job_id and ev["state"] in DONE + ("interrupted",))
+                    done = done or (ev["id"] == job_id and ev["state"] in DONE)
                     continue
-                if ev.get("epoch") != epoch or ev["first"] > last + 1:
+                if timestamps or ev.get("epoch") != epoch or ev["first"] > last + 1:
                     fill()
                     continue
                 skip = last + 1 - ev["first"]
@@ -268,13 +407,13 @@ def _follow(ctx: Ctx, ref: str, n: int) -> None:
                     break
             if quiet or done:
                 r = fill()
-                if r["state"] in DONE or (r["state"] == "interrupted" and done):
+                if r["state"] in DONE:
                     return
     finally:
         sub.close()
 
 
-@cli.command()
+@cli.command(short_help="Stop a job (SIGTERM to its group, SIGKILL after a grace).")
 @click.argument("job")
 @click.option("--no-wait", is_flag=True, help="Return at once instead of waiting for the "
               "job's processes to exit.")
@@ -289,7 +428,7 @@ def cancel(ctx: Ctx, job: str, no_wait: bool) -> None:
     click.echo(f"job {j['id']} ({j['name']}) {j['state']}: {j['reason']}")
 
 
-@cli.command()
+@cli.command(short_help="Queue a failed, cancelled or interrupted job again.")
 @click.argument("job")
 @command
 def retry(ctx: Ctx, job: str) -> None:
@@ -306,13 +445,17 @@ def retry(ctx: Ctx, job: str) -> None:
               help="Give up after this long (exit 6).")
 @command
 def wait(ctx: Ctx, job: str, wait_timeout: float | None) -> None:
-    """Wait until JOB ends. Exit 0 only if it succeeded."""
+    """Wait until JOB ends. Exit 0 only if it succeeded.
+
+    An interrupted job resumes, so waiting goes on; while fluxgymd restarts, wait says so
+    and reconnects (for up to two minutes)."""
     _finish_wait(ctx, _wait_for(ctx, job, wait_timeout))
 
 
-@cli.command()
+@cli.command(short_help="A job's loss curve: step, loss, learning rate.")
 @click.argument("job")
-@click.option("-n", "--limit", default=1000, show_default=True, help="Most recent points.")
+@click.option("-n", "--limit", default=1000, show_default=True, type=_range("metrics", "limit"),
+              help="Most recent points.")
 @command
 def metrics(ctx: Ctx, job: str, limit: int) -> None:
     """The loss curve of JOB: step, loss and learning rate per reported step."""
@@ -328,12 +471,14 @@ def metrics(ctx: Ctx, job: str, limit: int) -> None:
 
 
 def _wait_for(ctx: Ctx, ref: str, timeout: float | None) -> dict[str, Any]:
+    """Until the job is succeeded, failed or cancelled. An interrupted job is requeued and
+    resumed, so waiting goes on, through restarts of fluxgymd too."""
     deadline = None if timeout is None else time.monotonic() + timeout
     sub = ctx.client.subscribe(TOPIC_STATE)
     try:
         while True:
-            j = ctx.call("show", job=ref, events=0)
-            if j["state"] in DONE or j["state"] == "interrupted":
+            j = _reconnecting(ctx, ctx.call, "show", job=ref, events=0)
+            if j["state"] in DONE:
                 return j
             if deadline is not None and time.monotonic() >= deadline:
                 fail(ctx, Exit.TIMEOUT, f"job {j['id']} ({j['name']}) is still {j['state']} "
@@ -352,6 +497,106 @@ def _finish_wait(ctx: Ctx, j: dict[str, Any]) -> None:
     else:
         click.echo(f"job {j['id']} ({j['name']}) {j['state']}: {j['reason']}")
     sys.exit(int(Exit.OK if j["state"] == "succeeded" else Exit.JOB_NOT_SUCCEEDED))
+
+
+# --- queue control ------------------------------------------------------------------------
+def _removed(ctx: Ctx, r: dict[str, Any]) -> None:
+    if ctx.json:
+        return render.emit_json(r)
+    if not r["removed"]:
+        click.echo("nothing to remove")
+    for j in r["removed"]:
+        kept = "outputs deleted" if j["outputs_deleted"] else f"outputs kept in {j['output_dir']}"
+        click.echo(f"removed job {j['id']} ({j['name']}, {j['state']}); {kept}")
+
+
+@cli.command(short_help="Forget jobs that are not running (outputs kept unless asked).")
+@click.argument("jobs", nargs=-1, required=True)
+@click.option("--delete-outputs", is_flag=True, help="Also delete each job's output folder "
+              "(checkpoints, LoRA, log).")
+@command
+def remove(ctx: Ctx, jobs: tuple[str, ...], delete_outputs: bool) -> None:
+    """Forget JOBS (ids or names): queued, interrupted or finished ones; a running job must
+    be cancelled first. Their output folders stay unless --delete-outputs."""
+    _removed(ctx, ctx.call("remove", jobs=list(jobs), delete_outputs=delete_outputs))
+
+
+@cli.command(short_help="Forget finished jobs (outputs kept unless asked).")
+@click.option("--state", "states", multiple=True, type=click.Choice(["succeeded", "failed",
+              "cancelled"]), help="Only jobs in this state (repeatable; default: all three).")
+@click.option("--delete-outputs", is_flag=True, help="Also delete their output folders.")
+@command
+def clean(ctx: Ctx, states: tuple[str, ...], delete_outputs: bool) -> None:
+    """Forget every succeeded, failed and cancelled job."""
+    _removed(ctx, ctx.call("clean", states=list(states) or None, delete_outputs=delete_outputs))
+
+
+@cli.command(short_help="Hold queued jobs; running ones go on.")
+@command
+def pause(ctx: Ctx) -> None:
+    """Pause the queue: no queued job starts until `resume`; running jobs go on. Kept
+    across restarts of fluxgymd."""
+    r = ctx.call("pause")
+    if ctx.json:
+        return render.emit_json(r)
+    click.echo(f"queue paused ({r['summary']})")
+
+
+@cli.command(short_help="Start queued jobs again after a pause.")
+@command
+def resume(ctx: Ctx) -> None:
+    """Resume the queue after `pause`."""
+    r = ctx.call("resume")
+    if ctx.json:
+        return render.emit_json(r)
+    click.echo(f"queue running ({r['summary']})")
+
+
+@cli.command(short_help="Reorder a queued job (--first, --last, --priority).")
+@click.argument("job")
+@click.option("--first", "to", flag_value="first", help="Run it next.")
+@click.option("--last", "to", flag_value="last", help="Run it after every other queued job.")
+@click.option("--priority", type=click.IntRange(*PRIORITY_RANGE), default=None,
+              help="Give it this priority (higher runs first).")
+@command
+def move(ctx: Ctx, job: str, to: str | None, priority: int | None) -> None:
+    """Move a queued JOB in the queue."""
+    if to is None and priority is None:
+        fail(ctx, Exit.USAGE, "move: give --first, --last or --priority N", "usage")
+    j = ctx.call("move", job=job, to=to, priority=priority)
+    if ctx.json:
+        return render.emit_json(j)
+    click.echo(f"job {j['id']} ({j['name']}) {j['state']}, priority {j['priority']}")
+
+
+@cli.command(short_help="Show or change settings at run time.")
+@click.argument("action", type=click.Choice(["show", "set", "reset"]), default="show")
+@click.argument("key", required=False, type=click.Choice(sorted(RUNTIME_SETTINGS)))
+@click.argument("value", required=False, type=int)
+@command
+def config(ctx: Ctx, action: str, key: str | None, value: int | None) -> None:
+    """Run-time settings: `config`, `config set max_concurrent_jobs N`, `config reset
+    max_concurrent_jobs` (back to the config file's value). A set value is kept across
+    restarts of fluxgymd."""
+    if action != "show" and key is None:
+        fail(ctx, Exit.USAGE, f"config {action}: name a setting ({', '.join(RUNTIME_SETTINGS)})",
+             "usage")
+    if action == "set":
+        if value is None:
+            fail(ctx, Exit.USAGE, f"config set {key}: give a value", "usage")
+        lo, hi = RUNTIME_SETTINGS[key]
+        if not lo <= value <= hi:
+            fail(ctx, Exit.USAGE, f"{key} must be between {lo} and {hi}", "usage")
+        r = ctx.call("config", key=key, value=value)
+    elif action == "reset":
+        r = ctx.call("config", key=key, reset=True)
+    else:
+        r = ctx.call("config")
+    if ctx.json:
+        return render.emit_json(r)
+    render.pairs([(k, f"{v} (config file: {r['from_config_file'][k]})")
+                  for k, v in r["settings"].items()] +
+                 [("queue", "paused" if r["paused"] else "running")])
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ costs more start-up time than the whole request does.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -42,7 +43,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
             width = max([len(header)] + [len(row[i]) for row in cells])
             t.add_column(header, justify="right" if key in _RIGHT else "left",
                          no_wrap=True, overflow="ellipsis",
-                         min_width=None if free else width)
+                         min_width=_FREE_TEXT[key] if free else width)
         for r, row_cells in zip(rows, cells):
             styled = [
                 f"[{STATE_STYLE.get(c, '')}]{c}[/]" if key == "state" and c in STATE_STYLE
@@ -54,13 +55,35 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
         return
     headers = [h for _, h, _ in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    widths = fit(widths, [key for key, _, _ in columns], shutil.get_terminal_size().columns)
+    cells = [[clip(c, w) for c, w in zip(row, widths)] for row in cells]
     out = [_line(headers, widths, columns)]
     out += [_line(row, widths, columns) for row in cells]
     sys.stdout.write("\n".join(out) + "\n")
 
 
 _RIGHT = {"id", "step", "loss", "elapsed_s", "eta_s", "attempts", "progress"}
-_FREE_TEXT = {"reason"}
+# Columns that give way, in this order, when a row is wider than the terminal; the others
+# (ID, STATE, PROGRESS, ...) always show in full.
+_FREE_TEXT = {"reason": 10, "name": 12}
+
+
+def fit(widths: list[int], keys: list[str], columns: int) -> list[int]:
+    widths = list(widths)
+    over = sum(widths) + 2 * (len(widths) - 1) - columns
+    for key, least in _FREE_TEXT.items():
+        if over <= 0:
+            break
+        if key in keys:
+            i = keys.index(key)
+            give = min(over, max(0, widths[i] - least))
+            widths[i] -= give
+            over -= give
+    return widths
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(0, width - 1)] + "…"
 
 
 def _line(values: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:
@@ -96,6 +119,14 @@ def when(ts: float | None) -> str:
 
 def percent(fraction: float | None) -> str:
     return f"{fraction * 100:.0f}%" if fraction is not None else "-"
+
+
+def progress(job: dict[str, Any]) -> str:
+    """The percentage, or while a job loads, caches, samples or saves, that phase."""
+    if job.get("phase") and job.get("phase") != "training" and \
+            job["state"] in ("starting", "running"):
+        return job["phase"]
+    return percent(job.get("progress"))
 
 
 def number(v: float | None, digits: int = 4) -> str:

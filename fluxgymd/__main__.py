@@ -17,12 +17,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Supervise LoRA training jobs: queue, run, watch, resume. "
         "Talk to it with fluxgymctl.",
     )
-    p.add_argument("--config", help="TOML config file (default: $FLUXGYM_CONFIG, else none)")
-    p.add_argument("--state-dir", help="where the job database lives")
-    p.add_argument("--runtime-dir", help="where the control and event sockets live")
-    p.add_argument("--outputs-dir", help="root of the per-job output folders")
-    p.add_argument("--max-concurrent-jobs", type=int, help="jobs running at once")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (default: $FLUXGYM_CONFIG, else none)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the job database lives (default: $STATE_DIRECTORY under "
+                   "systemd, else $XDG_STATE_HOME/fluxgymd or ~/.local/state/fluxgymd)")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="where the control and event sockets live (default: "
+                   "$RUNTIME_DIRECTORY under systemd, else $XDG_RUNTIME_DIR/fluxgymd or "
+                   "/tmp/fluxgymd-$UID)")
+    p.add_argument("--outputs-dir", metavar="DIR",
+                   help="root of the per-job output folders (default: the state dir's "
+                   "outputs/ under systemd, else ./outputs)")
+    p.add_argument("--max-concurrent-jobs", type=int, metavar="N",
+                   help="jobs running at once (default 1)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="the daemon's own log detail (default info)")
+    p.add_argument("--recover-db", action="store_true",
+                   help="copy what can still be read from a damaged job database into a new "
+                   "one (the damaged file is kept beside it), then exit; fluxgymd must be "
+                   "stopped")
     p.add_argument("--allow-command-jobs", action="store_const", const=True,
                    help="run kind = \"command\" jobs (any program, as this daemon's user); "
                    "off unless set here or in the config")
@@ -54,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fluxgymd: configuration error: {e}", file=sys.stderr)
         return 2
+    if args.recover_db:
+        from .recovery import recover_db
+
+        return recover_db(cfg)
     journal = Journal(cfg.journal_socket) if wanted(cfg.journal, cfg.journal_socket) else None
     setup_logging(cfg.log_level, journal)
     from .daemon import run_daemon  # after logging, so import-time messages are formatted

@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from . import __version__, jobspec, ownership
 from .config import Config
-from .joblog import JobLog, read_tail
+from .joblog import JobLog, count_lines, lines_after, read_tail
 from .journal import Journal, JobLines
 from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
@@ -53,6 +53,9 @@ RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs 
 # The daemon's own systemd plumbing is not the child's business.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                 "LISTEN_FDNAMES", "INVOCATION_ID")
+
+
+EXIT_NEEDS_A_PERSON = 3  # the unit's RestartPreventExitStatus: restarting cannot help
 
 
 class AlreadyRunning(Exception):
@@ -798,15 +801,24 @@ class Daemon:
     def op_logs(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
         jl = self.logs.get(job["id"])
-        live = jl.seq if jl is not None else None
+        folder = Path(job["output_dir"])
+        live = jl.seq if jl is not None else count_lines(folder, self.cfg.log_backups)
         base = {"job": job["id"], "name": job["name"], "state": job["state"], "seq": live,
                 "epoch": self.epoch}
         if args["after"] is not None:
-            if jl is None:
-                return dict(base, lines=[], first=None, gap=False)
-            items, gap = jl.since(args["after"], max(1, args["lines"]))
+            limit = max(1, args["lines"])
+            items, gap = jl.since(args["after"], limit) if jl is not None else ([], True)
+            if gap:  # older than the ring holds (or no ring): read them from train.log
+                first, lines = lines_after(folder, args["after"], limit, self.cfg.log_backups,
+                                           live)
+                out = dict(base, lines=lines, first=first, gap=first is not None
+                           and first > args["after"] + 1)
+                if args["timestamps"]:
+                    out["times"] = [jl.time_of(first + i) if jl else None
+                                    for i in range(len(lines))]
+                return out
             out = dict(base, lines=[l for _, l in items],
-                       first=items[0][0] if items else None, gap=gap)
+                       first=items[0][0] if items else None, gap=False)
             if args["timestamps"]:
                 out["times"] = [jl.time_of(n) for n, _ in items]
             return out
@@ -927,10 +939,9 @@ def run_daemon(cfg: Config, journal: Journal | None = None) -> int:
         log.error("%s", e)
         return 1
     except (StoreError, sqlite3.DatabaseError) as e:
-        log.error("the job database %s cannot be used: %s. Fix or move it aside (a new one "
-                  "is created on start; the jobs in the old one are then not shown)",
-                  cfg.state_dir / "fluxgymd.sqlite3", e)
-        return 1
+        # exit 3: systemd does not restart it (RestartPreventExitStatus), no crash loop
+        log.error("the job database cannot be used: %s", e)
+        return EXIT_NEEDS_A_PERSON
     except zmq.ZMQError as e:
         log.error("cannot bind the sockets in %s: %s", cfg.runtime_dir, e)
         return 1

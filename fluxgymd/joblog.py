@@ -85,7 +85,9 @@ class JobLog:
         self.ring: collections.deque[tuple[int, str]] = collections.deque(maxlen=memory_lines)
         # when each ring line arrived (epoch seconds), for `logs -t`
         self.times: collections.deque[float] = collections.deque(maxlen=memory_lines)
-        self.seq = 0  # number of the last line written
+        # number of the last line written: a job's lines are numbered as they stand in
+        # train.log (rotated copies included), so the numbers go on across daemon restarts
+        self.seq = count_lines(job_dir, backups)
         self._fh = None
         self._size = 0
         self.error: str | None = None  # why the last write to disk failed, if it did
@@ -142,7 +144,7 @@ class JobLog:
         """Lines numbered above `after` (at most `limit`, the oldest first) and whether
         some were already gone from the ring."""
         if not self.ring:
-            return [], False
+            return [], after < self.seq  # numbered lines from before this daemon's start
         oldest = self.ring[0][0]
         out = [item for item in self.ring if item[0] > after][:limit]
         return out, after + 1 < oldest
@@ -167,6 +169,31 @@ class JobLog:
 
     def close(self) -> None:
         self._drop_handle()
+
+
+def count_lines(job_dir: Path, backups: int) -> int:
+    total = 0
+    for path in log_files(job_dir, backups):
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    total += chunk.count(b"\n")
+        except OSError:
+            pass
+    return total
+
+
+def lines_after(job_dir: Path, after: int, limit: int, backups: int,
+                total: int | None = None) -> tuple[int | None, list[str]]:
+    """Lines numbered above `after` from the files (oldest first, at most `limit`): the
+    first one's number and the lines. Used when the ring no longer holds them."""
+    total = count_lines(job_dir, backups) if total is None else total
+    want = total - after
+    if want <= 0:
+        return None, []
+    lines = read_tail(job_dir, want, backups)
+    first = total - len(lines) + 1
+    return first, lines[:limit]
 
 
 def read_tail(job_dir: Path, n: int, backups: int) -> list[str]:

@@ -288,6 +288,17 @@ class Store:
         )
         return [_job(r) for r in rows]
 
+    def adopt(self, job_id: int, spec: dict[str, Any], output_dir: Path, reason: str) -> None:
+        """Re-create a job whose row was lost (recovery), failed, with its history saying so."""
+        now = self.clock()
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO jobs (id, name, kind, spec, output_dir, state, reason, created_at,"
+                " updated_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, spec["name"], spec.get("kind", "command"), json.dumps(spec),
+                 str(output_dir), JobState.FAILED.value, reason, now, now, now))
+            self._event(job_id, None, JobState.FAILED, reason, now)
+
     def move(self, job_id: int, to: str | None, priority: int | None) -> dict[str, Any]:
         """Reorder a queued job: a new priority, and/or to the front or back of the queued
         jobs (taking the first's or last's priority)."""
