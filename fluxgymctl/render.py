@@ -65,7 +65,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
 _RIGHT = {"id", "step", "loss", "elapsed_s", "eta_s", "attempts", "progress"}
 # Columns that give way, in this order, when a row is wider than the terminal; the others
 # (ID, STATE, PROGRESS, ...) always show in full.
-_FREE_TEXT = {"reason": 10, "name": 12}
+_FREE_TEXT = {"reason": 6, "name": 7}
 
 
 def fit(widths: list[int], keys: list[str], columns: int) -> list[int]:
