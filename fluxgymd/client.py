@@ -115,6 +115,8 @@ class Client:
             reply = json.loads(frames[-1])
             if str(reply.get("id")) == rid:
                 break
+            if reply.get("id") == "" and not reply.get("ok"):
+                break  # a refusal before the id could be read: ours, one request at a time
             frames = self._recv(timeout)  # a late reply to an earlier, timed-out request
         if reply.get("ok"):
             return reply["result"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
@@ -64,6 +65,8 @@ class Arg(NamedTuple):
     maximum: int | None = None
     items: type | None = None  # for lists: the type of every element
     choices: tuple[str, ...] | None = None  # for strings
+    multiline: bool = False  # a string that may hold line breaks (a job file); others may
+    #                          not hold any control character (names, paths, job refs)
 
 
 _JOB = Arg(str, required=True)
@@ -78,7 +81,7 @@ OPS: dict[str, dict[str, Arg]] = {
     "ping": {},
     "version": {},
     "submit": {
-        "text": Arg(str, required=True),  # the job file's TOML
+        "text": Arg(str, required=True, multiline=True),  # the job file's TOML
         "source": Arg(str, default=""),  # its path, for messages and relative paths
         "name": Arg(str, default=""),  # overrides [job].name
         # higher runs first; equal priorities run in submission order
@@ -131,6 +134,19 @@ def request_id(obj: Any) -> str:
         if isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < 2**63:
             return str(rid)
     return ""
+
+
+_ID_RE = re.compile(rb'^\s*\{\s*(?:"v"\s*:\s*\d+\s*,\s*)?"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def salvage_id(payload: bytes) -> str:
+    """The id of a request that could not be decoded (too deep, truncated), when it stands
+    plainly at its start as fluxgymctl writes it; else ''."""
+    m = _ID_RE.match(payload[:200])
+    return m.group(1).decode() if m else ""
 
 
 def _clean_text(value: str) -> bool:
@@ -229,6 +245,9 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
             if isinstance(text, str) and not _clean_text(text):
                 raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} holds text "
                                    "that is not valid UTF-8 (a lone surrogate)")
+            if isinstance(text, str) and not arg.multiline and _CONTROL.search(text):
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"{op}: argument {name!r} holds a "
+                                   f"control character: {text!r:.60}")
         if arg.minimum is not None and value < arg.minimum or \
                 arg.maximum is not None and value > arg.maximum:
             raise FluxgymError(

@@ -22,6 +22,7 @@ from .protocol import (
     ok_reply,
     decode_request,
     request_id,
+    salvage_id,
     validate_request,
 )
 from .states import InvalidTransition
@@ -45,6 +46,7 @@ async def handle_frames(frames: list[bytes], handlers: dict[str, Handler]) -> li
         )]
     rid = ""
     try:
+        rid = salvage_id(body[0])
         obj = decode_request(body[0])
         rid = request_id(obj)  # from here on, even a refusal carries the caller's id
         req = validate_request(obj)

@@ -6,16 +6,118 @@ import json
 import os
 import pwd
 import random
+import time
 
 import psutil
 import pytest
 import zmq
 
 from fluxgymd.protocol import OPS, PROTOCOL_VERSION
-from fluxgymd.testing import write_job
+from fluxgymd.testing import PY, write_job
 
 FRAMES = 10_000
+STRUCTURED = 10_000  # with FRAMES: 20,000 requests in all
 RSS_GROWTH_LIMIT_MB = 25
+REPLY_WITHIN_S = 1.0
+
+# Values that are wrong for some field in some way: types, nesting, text no store can hold.
+EVIL = [
+    None, True, False, 0, -1, 1, 2**31, 2**63, -(2**63), 2**70, 0.5, -0.0, 1e308,
+    float("inf"), float("nan"), "", " ", "\x00", "a\x00b", "\x1b[31mred", "\r\n", "\ud800",
+    "\udfff\ud800", "é" * 300, "x" * 100_000, "../../etc/passwd", "0", "-5", "first",
+    [], [None], [1, 2], ["a", 1], [[["deep"]]], ["\ud800"], ["x"] * 20_000, {}, {"a": 1},
+    {"job": "x"}, [{}], {"": None}, {"\ud800": 1},
+]
+
+
+def deep(n: int) -> str:
+    """A placeholder that `encode` turns into JSON nested n deep (json.dumps cannot)."""
+    return f"__DEEP_{n}__"
+
+
+def encode(env) -> bytes:
+    text = json.dumps(env, allow_nan=True)
+    for n in (10, 200, 3000, 5000):
+        nested = "[" * n + '"x"' + "]" * n if n % 2 == 0 else '{"k":' * n + "1" + "}" * n
+        text = text.replace(f'"__DEEP_{n}__"', nested)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def valid_args(op: str) -> dict:
+    """Arguments of the right shape that name no job the test keeps."""
+    base = {"job": "no-such-job", "jobs": ["no-such-job"], "text": "[job]\nname = 1\n",
+            "lines": 5, "events": 1, "limit": 1, "after": 0, "states": ["queued"],
+            "to": "first", "priority": 1, "key": "max_concurrent_jobs", "value": 4,
+            "all": True, "timestamps": True, "delete_outputs": False, "reset": False,
+            "source": "", "name": ""}
+    return {k: base[k] for k in OPS[op] if k in base}
+
+
+def structured_requests(rng):
+    """Each op with valid arguments, then one field (or the envelope) made wrong."""
+    ops = list(OPS)
+    while True:
+        op = rng.choice(ops)
+        args = valid_args(op)
+        env = {"v": PROTOCOL_VERSION, "id": f"s{rng.randrange(10**9)}", "op": op, "args": args}
+        r = rng.random()
+        if r < 0.6 and OPS[op]:
+            args[rng.choice(list(OPS[op]))] = rng.choice(EVIL)
+        elif r < 0.7:
+            args[rng.choice(["bogus", "", "\ud800", "job "])] = rng.choice(EVIL)
+        elif r < 0.8:
+            env[rng.choice(["v", "id", "op", "args"])] = rng.choice(EVIL)
+        elif r < 0.85:
+            if OPS[op]:
+                args[rng.choice(list(OPS[op]))] = deep(rng.choice([10, 200, 3000, 5000]))
+            else:
+                env["args"] = deep(rng.choice([10, 200, 3000, 5000]))
+        elif r < 0.9:
+            env = rng.choice([[env], "request", 7, None, deep(3000)])
+        yield env
+
+
+def test_ten_thousand_structured_requests_each_answered_in_a_second(daemon_factory, short_tmp):
+    d = daemon_factory(watchdog__kill_grace_s=3.0, max_concurrent_jobs=3).start()
+    for i in range(3):  # running jobs: nothing a fuzzed request can remove or lose
+        d.submit(write_job(short_tmp, f"keep{i}", [PY, "-c", "import time; time.sleep(300)"]))
+    for i in range(3):
+        d.wait_state(f"keep{i}", "running")
+    before = {j["id"]: j["name"] for j in d.call("list")["jobs"]}
+    proc = psutil.Process(d.proc.pid)
+    rss_before = proc.memory_info().rss / 2**20
+    rng = random.Random(int(os.environ.get("FLUXGYM_TEST_SEED", "77")))
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"ipc://{d.runtime_dir}/control.sock")
+    codes: dict[str, int] = {}
+    slowest = 0.0
+    try:
+        gen = structured_requests(rng)
+        for n in range(STRUCTURED):
+            env = next(gen)
+            payload = encode(env)
+            t0 = time.monotonic()
+            s.send(payload)
+            assert s.poll(int(REPLY_WITHIN_S * 1000)), f"request {n} unanswered: {payload[:300]!r}"
+            reply = json.loads(s.recv())
+            slowest = max(slowest, time.monotonic() - t0)
+            code = "ok" if reply["ok"] else reply["error"]["code"]
+            assert code != "internal", (payload[:300], reply)
+            if isinstance(env, dict) and isinstance(env.get("id"), str) and \
+                    env["id"].startswith("s"):
+                assert reply["id"] == env["id"], (payload[:300], reply)
+            codes[code] = codes.get(code, 0) + 1
+    finally:
+        s.close()
+    assert d.call("ping")["pong"] and d.proc.poll() is None
+    after = {j["id"]: j["name"] for j in d.call("list")["jobs"]}
+    assert all(after.get(i) == name for i, name in before.items()), after
+    assert all(d.job(i)["state"] == "running" for i in before)
+    growth = proc.memory_info().rss / 2**20 - rss_before
+    assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.1f} MB"
+    assert codes.get("bad_args", 0) > 1000 and len(codes) >= 5, codes
+    print(f"structured fuzz: {codes}; slowest reply {slowest * 1000:.0f} ms; RSS +{growth:.1f} MB")
 
 
 def random_value(rng, depth=0):
