@@ -485,3 +485,17 @@ def test_help_texts(daemon):
 
     with pytest.raises(TrainConfigError, match="did you mean 'network_dim'"):
         parse({"pretrained_model": "model", "dataset_dir": "data", "rank": 8})
+
+
+def test_the_trainer_refuses_a_model_that_is_not_flux_with_exit_2(tiny, short_tmp):
+    import shutil
+
+    model = short_tmp / "sd"
+    shutil.copytree(tiny / "model", model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(dict(index, _class_name="SDXLPipeline")))
+    job = _lora_job(tiny, short_tmp, "notflux", pretrained_model=str(model))
+    r = subprocess.run([PY, "-m", "trainer", str(job), "--output-dir", str(short_tmp / "o")],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2 and "not a Flux pipeline" in r.stderr, r.stderr

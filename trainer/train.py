@@ -69,6 +69,10 @@ def run(cfg: TrainConfig, name: str, out: str, fresh: bool) -> int:
 
 def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Reporter) -> int:
     rep.phase("loading", f"{cfg.pretrained_model}")
+    from .preflight import check_model
+
+    for problem in check_model(cfg):  # not a Flux pipeline: nothing a retry could change
+        raise TrainError(problem)
     items = scan(cfg.dataset_dir, cfg.trigger_word, max_caption_chars(cfg.t5xxl_max_token_length),
                  rep.say, cfg.resolution)
     os.makedirs(out, exist_ok=True)
