@@ -5,6 +5,7 @@ costs more start-up time than the whole request does.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,16 +35,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
         from rich.console import Console
         from rich.table import Table
 
+        console = Console()
         t = Table(title=title or None, header_style="bold", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
-        for i, (key, header, _) in enumerate(columns):
-            # Numbers and states keep their full width; free text (reasons) gets what is
-            # left of the terminal and is cut with an ellipsis.
-            free = key in _FREE_TEXT
-            width = max([len(header)] + [len(row[i]) for row in cells])
+        keys = [key for key, _, _ in columns]
+        widths = [max([len(header)] + [len(row[i]) for row in cells])
+                  for i, (_, header, _) in enumerate(columns)]
+        # Numbers and states keep their full width; free text (names, reasons) gives way
+        # and is cut with an ellipsis (rich alone would drop whole columns instead).
+        widths = fit(widths, keys, console.width - 2)  # the box keeps a space at each edge
+        for (key, header, _), width in zip(columns, widths):
             t.add_column(header, justify="right" if key in _RIGHT else "left",
-                         no_wrap=True, overflow="ellipsis",
-                         min_width=_FREE_TEXT[key] if free else width)
+                         no_wrap=True, overflow="ellipsis", width=width)
         for r, row_cells in zip(rows, cells):
             styled = [
                 f"[{STATE_STYLE.get(c, '')}]{c}[/]" if key == "state" and c in STATE_STYLE
@@ -51,11 +54,12 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
                 for (key, _, _), c in zip(columns, row_cells)
             ]
             t.add_row(*styled)
-        Console().print(t)
+        console.print(t)
         return
     headers = [h for _, h, _ in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    widths = fit(widths, [key for key, _, _ in columns], shutil.get_terminal_size().columns)
+    if os.environ.get("COLUMNS"):  # a pipe has no width, unless one is asked for
+        widths = fit(widths, [key for key, _, _ in columns], shutil.get_terminal_size().columns)
     cells = [[clip(c, w) for c, w in zip(row, widths)] for row in cells]
     out = [_line(headers, widths, columns)]
     out += [_line(row, widths, columns) for row in cells]
