@@ -188,9 +188,56 @@ def test_the_lora_loads_into_a_pipeline_changes_it_and_reloads_exactly(tiny, str
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["changed"] and got["reproduced"]
-    assert (got["alpha"], got["rank"]) == (2.0, 4)  # alpha survives the round trip
+    assert (got["alpha"], got["rank"]) == (4.0, 4)  # alpha / rank is folded into lora_B
     assert got["steps"] == str(STEPS) and got["trigger"] == "fgx"
-    assert len(got["dataset"]) == 64 and got["base"] == str(tiny / "model")
+    assert len(got["dataset"]) == 64 and got["base"] == "model"  # a name, not our path
+
+
+MERGE_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+    model, lora, trained, alpha = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    base = FluxPipeline.from_pretrained(model, local_files_only=True).transformer
+    W = {k: v.clone() for k, v in base.state_dict().items()}
+    raw = load_file(trained)  # the adapter as trained: lora_A/lora_B, scale alpha / rank
+    file = load_file(lora)
+    pipe = FluxPipeline.from_pretrained(model, local_files_only=True)
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora()
+    merged = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items()}
+    out = {"diffusers": 0.0, "comfyui": 0.0, "modules": 0}
+    for key in raw:
+        if ".lora_A." not in key:
+            continue
+        mod = key.split(".lora_A.")[0]
+        A, B = raw[key], raw[mod + ".lora_B.weight"]
+        rank = A.shape[0]
+        want = W[mod + ".weight"] + (alpha / rank) * (B @ A)
+        out["diffusers"] = max(out["diffusers"], (merged[mod + ".weight"] - want).abs().max().item())
+        # ComfyUI's rule: alpha / rank when the file has `<module>.alpha`, else 1.0
+        fa, fb = file["transformer." + mod + ".lora_A.weight"], file["transformer." + mod + ".lora_B.weight"]
+        s = file[f"transformer.{mod}.alpha"].item() / rank if f"transformer.{mod}.alpha" in file else 1.0
+        comfy = W[mod + ".weight"] + s * (fb @ fa)
+        out["comfyui"] = max(out["comfyui"], (comfy - want).abs().max().item())
+        out["modules"] += 1
+    print(json.dumps(out))
+""")
+
+
+def test_the_lora_has_its_trained_strength_in_diffusers_and_comfyui(tiny, straight):
+    import json
+
+    out = tiny / "out" / "straight"
+    trained = out / "checkpoints" / f"step-{STEPS:08d}" / "lora.safetensors"
+    r = subprocess.run([PY, "-c", MERGE_CHECK, str(tiny / "model"),
+                        str(out / "straight.safetensors"), str(trained), "2.0"],
+                       capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print("max abs difference from the trained adapter:", got)
+    assert got["modules"] > 0
+    assert got["diffusers"] < 1e-6 and got["comfyui"] < 1e-6
 
 
 def test_bad_dataset_exits_2_naming_the_file(tiny, tmp_path):

@@ -289,12 +289,15 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     if step > last_saved or not ckpt.complete(ckpt_root):
         save_checkpoint(step)  # the finished state: a rerun sees there is nothing left to do
     rep.phase("saving", "the final LoRA")
+    public = cfg.to_dict()  # what travels with a published LoRA: names, not this machine's paths
+    for key in ("pretrained_model", "dataset_dir"):
+        public[key] = os.path.basename(os.path.normpath(public[key]))
     path = save_lora(model, out, name, {
-        "base_model": cfg.pretrained_model, "network_dim": cfg.network_dim,
+        "base_model": public["pretrained_model"], "network_dim": cfg.network_dim,
         "network_alpha": cfg.network_alpha, "steps": step, "trigger_word": cfg.trigger_word,
         "dataset_sha256": resume_meta["dataset_sha256"], "seed": cfg.seed,
         "resolution": cfg.resolution, "learning_rate": cfg.learning_rate,
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config": json.dumps(public, sort_keys=True),
     })
     rep.say(f"finished: {path}")
     rep.done()
