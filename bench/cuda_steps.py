@@ -21,7 +21,7 @@ def steps_per_s(model_dir: str, device: str, dtype, steps: int, batch: int, res:
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, lora_targets
     from trainer.flux import flow_matching_loss
 
     cfg = TrainConfig()
@@ -32,7 +32,7 @@ def steps_per_s(model_dir: str, device: str, dtype, steps: int, batch: int, res:
     torch.manual_seed(0)
     tr.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
                               init_lora_weights="gaussian",
-                              target_modules=cfg.network_target_modules))
+                              target_modules=lora_targets(cfg.network_target_modules)))
     params = [p for p in tr.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -36,7 +36,7 @@ BARE = textwrap.dedent("""
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
     from trainer import quiet
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, lora_targets
     from trainer.flux import flow_matching_loss
     quiet()
     model, steps, batch, res = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -45,7 +45,7 @@ BARE = textwrap.dedent("""
     tr.requires_grad_(False)
     torch.manual_seed(0)
     tr.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
-                              init_lora_weights="gaussian", target_modules=cfg.network_target_modules))
+                              init_lora_weights="gaussian", target_modules=lora_targets(cfg.network_target_modules)))
     params = [p for p in tr.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay)
     dim = tr.config.joint_attention_dim

@@ -261,3 +261,24 @@ def test_bad_job_file_exits_with_every_problem(tiny, tmp_path):
     for text in ("network_dim must be between 1 and 4096", "did you mean 'learning_rate'",
                  "train.pretrained_model is required"):
         assert text in r.stderr
+
+
+def test_default_targets_cover_every_linear_of_the_blocks_as_kohya_does(tiny):
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from trainer.config import ATTENTION_TARGETS, DEFAULT_TARGETS, lora_targets
+
+    def adapted(names):
+        tr = FluxTransformer2DModel.from_pretrained(str(tiny / "model"), subfolder="transformer")
+        tr.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=lora_targets(names)))
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in tr.named_modules() if n.endswith(".lora_A")}
+
+    tr = FluxTransformer2DModel.from_pretrained(str(tiny / "model"), subfolder="transformer")
+    in_blocks = {n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)
+                 and n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")}
+    assert adapted(DEFAULT_TARGETS) == in_blocks  # every Linear of the blocks, nothing else
+    small = adapted(ATTENTION_TARGETS)
+    assert small < in_blocks and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
+                                     for n in small)

@@ -14,7 +14,25 @@ from typing import Any
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 TIMESTEP_SAMPLING = ("shift", "sigmoid", "uniform")
 MIXED_PRECISION = ("auto", "no", "bf16")
-DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# Every Linear of the double and single blocks, as kohya's networks.lora_flux (which FluxGym
+# runs) trains them, in diffusers' names: double blocks' image and text attention (q, k, v and
+# out), MLPs and modulation; single blocks' q, k, v, MLP in, out and modulation. Targets only
+# ever match inside the blocks (see lora_targets), never the final layer or the embedders.
+KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                 "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2", "norm1.linear", "norm1_context.linear", "proj_mlp",
+                 "proj_out", "norm.linear"]
+# The smaller set of earlier versions: the image stream's attention projections only.
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TARGETS = KOHYA_TARGETS
+
+
+def lora_targets(names: list[str]) -> str:
+    """peft's target_modules as one regex: each name, inside a double or single block."""
+    import re
+
+    alts = "|".join(re.escape(n) for n in names)
+    return rf"(?:single_)?transformer_blocks\.\d+\.(?:.*\.)?(?:{alts})"
 
 
 class TrainConfigError(Exception):

@@ -139,16 +139,26 @@ def check_model(cfg: TrainConfig) -> list[str]:
     return []
 
 
+# (in, out) of each targetable Linear, in units of the model width D (MLP ratio 4).
+_DOUBLE = {"to_q": (1, 1), "to_k": (1, 1), "to_v": (1, 1), "to_out.0": (1, 1),
+           "add_q_proj": (1, 1), "add_k_proj": (1, 1), "add_v_proj": (1, 1),
+           "to_add_out": (1, 1), "ff.net.0.proj": (1, 4), "ff.net.2": (4, 1),
+           "ff_context.net.0.proj": (1, 4), "ff_context.net.2": (4, 1),
+           "norm1.linear": (1, 6), "norm1_context.linear": (1, 6)}
+_SINGLE = {"to_q": (1, 1), "to_k": (1, 1), "to_v": (1, 1), "proj_mlp": (1, 4),
+           "proj_out": (5, 1), "norm.linear": (1, 3)}
+
+
 def lora_parameters(cfg: TrainConfig) -> int:
     """The LoRA's size from the transformer's config: r × (in + out) for each targeted
-    projection (double blocks: to_q/k/v/out; single blocks: to_q/k/v)."""
+    Linear of the double and single blocks."""
     tconf = _json(os.path.join(cfg.pretrained_model, "transformer", "config.json")) or {}
-    inner = int(tconf.get("num_attention_heads", 24)) * int(tconf.get("attention_head_dim", 128))
+    width = int(tconf.get("num_attention_heads", 24)) * int(tconf.get("attention_head_dim", 128))
     double, single = int(tconf.get("num_layers", 19)), int(tconf.get("num_single_layers", 38))
     targets = set(cfg.network_target_modules)
-    per_double = len(targets & {"to_q", "to_k", "to_v", "to_out.0"})
-    per_single = len(targets & {"to_q", "to_k", "to_v"})
-    return cfg.network_dim * 2 * inner * (per_double * double + per_single * single)
+    per_double = sum(a + b for name, (a, b) in _DOUBLE.items() if name in targets)
+    per_single = sum(a + b for name, (a, b) in _SINGLE.items() if name in targets)
+    return cfg.network_dim * width * (per_double * double + per_single * single)
 
 
 def disk_needed(cfg: TrainConfig, n_images: int) -> int:

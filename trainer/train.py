@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, lora_targets
 from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
 from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
                    scan)
@@ -133,7 +133,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     torch.manual_seed(cfg.seed)  # the LoRA's initial weights
     transformer.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
                                        init_lora_weights="gaussian",
-                                       target_modules=cfg.network_target_modules))
+                                       target_modules=lora_targets(cfg.network_target_modules)))
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise TrainError(f"train.network_target_modules {cfg.network_target_modules} match no "
