@@ -79,8 +79,13 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_identical(tiny, straight):
     assert "stopped by SIGTERM at step" in log
     stopped_at = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").exists()
+    assert "cache: encoded with the VAE and the text encoders" in log
+    size_before = (out / "stderr.log").stat().st_size
     out = train(tiny, "termed")
-    assert f"(step {stopped_at})" in (out / "stderr.log").read_text()  # no step lost
+    resumed = (out / "stderr.log").read_text()[size_before:]
+    assert f"(step {stopped_at})" in resumed  # no step lost
+    # the cache is complete: the resume loads the transformer only
+    assert "cache: complete; text encoders and VAE not loaded" in resumed
     assert_identical(straight, lora(out, "termed"))
 
 

@@ -5,6 +5,7 @@ embedding, packed latents, image and text position ids).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import torch
@@ -31,6 +32,32 @@ def model_identity(path: str, component: str) -> str:
 
 def load_pipeline(path: str, dtype: torch.dtype) -> FluxPipeline:
     return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+
+
+def vae_scale_factor(path: str) -> int:
+    """What the pipeline would compute from the VAE, read from its config: no weights."""
+    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
+        return 2 ** (len(json.load(fh)["block_out_channels"]) - 1)
+
+
+def load_vae(path: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
+                                         local_files_only=True)
+
+
+def load_text_encoders(path: str, dtype: torch.dtype) -> FluxPipeline:
+    """A pipeline holding only the tokenizers and text encoders (for encode_prompt)."""
+    return FluxPipeline.from_pretrained(path, transformer=None, vae=None, torch_dtype=dtype,
+                                        local_files_only=True)
+
+
+def load_transformer(path: str, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                  torch_dtype=dtype, local_files_only=True)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -62,9 +89,9 @@ class Cache:
 
 
 @torch.no_grad()
-def cache_latents(pipe: FluxPipeline, cache: Cache, items: list[Item],
+def cache_latents(vae, cache: Cache, items: list[Item],
                   bucket_of: list[tuple[int, int]], device) -> list[torch.Tensor]:
-    vae = pipe.vae
+    """Every item's latents, encoding (with `vae`) those not in the cache yet."""
     out = []
     for item, bucket in zip(items, bucket_of):
         path = cache.latent_path(item, bucket)
@@ -79,8 +106,9 @@ def cache_latents(pipe: FluxPipeline, cache: Cache, items: list[Item],
 
 
 @torch.no_grad()
-def cache_text(pipe: FluxPipeline, cache: Cache, captions: list[str], device,
+def cache_text(pipe: FluxPipeline | None, cache: Cache, captions: list[str], device,
                max_len: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every caption's embeddings, encoding (with `pipe`'s text encoders) those missing."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for caption in dict.fromkeys(captions):
         path = cache.text_path(caption)

@@ -49,6 +49,12 @@ def plan(cfg: TrainConfig, n_batches: int) -> Plan:
     return Plan(n_batches, total)
 
 
+def _free(torch) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def step_seed(seed: int, micro: int) -> int:
     # A distinct, reproducible stream per micro-batch; no state carried between steps.
     return (seed * 1_000_003 + micro * 7_919 + 17) % (2**63 - 1)
@@ -103,30 +109,38 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = accelerator.device
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
-    pipe = flux.load_pipeline(cfg.pretrained_model, dtype)
-    divisor = pipe.vae_scale_factor * 2
+    divisor = flux.vae_scale_factor(cfg.pretrained_model) * 2
     choices = buckets(cfg.resolution, divisor)
     bucket_of = [assign_bucket(it.width, it.height, choices) for it in items]
 
-    # --- caching: run the frozen encoders once, keep their outputs, free them ----------
+    # --- caching: load each frozen encoder only when an entry it makes is missing, use
+    # it, and free it before the next part loads; a resume with a complete cache loads none
     rep.phase("caching", f"{len(items)} images in {len(set(bucket_of))} bucket(s)")
     cache = flux.Cache(os.path.join(out, "cache"), cfg.pretrained_model,
                        cfg.t5xxl_max_token_length)
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device)
-    pipe.text_encoder_2.to(device)
-    latents = flux.cache_latents(pipe, cache, items, bucket_of, device)
-    texts = flux.cache_text(pipe, cache, [it.caption for it in items] + cfg.sample_prompts,
-                            device, cfg.t5xxl_max_token_length)
-    vae = pipe.vae if cfg.sample_every_n_steps else None
-    transformer = pipe.transformer
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None
-    del pipe
-    if vae is not None:
-        vae.to("cpu")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    captions = [it.caption for it in items] + cfg.sample_prompts
+    need_vae = any(not os.path.exists(cache.latent_path(it, b))
+                   for it, b in zip(items, bucket_of))
+    need_text = any(not os.path.exists(cache.text_path(c)) for c in captions)
+    loaded = []
+    encoder = flux.load_vae(cfg.pretrained_model, dtype).to(device) if need_vae else None
+    latents = flux.cache_latents(encoder, cache, items, bucket_of, device)
+    if encoder is not None:
+        loaded.append("VAE")
+        del encoder
+        _free(torch)
+    texts_pipe = flux.load_text_encoders(cfg.pretrained_model, dtype) if need_text else None
+    if texts_pipe is not None:
+        texts_pipe.text_encoder.to(device)
+        texts_pipe.text_encoder_2.to(device)
+        loaded.append("text encoders")
+    texts = flux.cache_text(texts_pipe, cache, captions, device, cfg.t5xxl_max_token_length)
+    del texts_pipe
+    _free(torch)
+    rep.say("cache: encoded with the " + " and the ".join(loaded) if loaded else
+            "cache: complete; text encoders and VAE not loaded")
+    transformer = flux.load_transformer(cfg.pretrained_model, dtype)
+    vae = None  # for samples: loaded at the first one, kept on the CPU between them
 
     # --- the LoRA ------------------------------------------------------------------------
     transformer.requires_grad_(False)
@@ -200,7 +214,10 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     def save_sample(step: int) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+        nonlocal vae
         rep.phase("sampling", f"{len(cfg.sample_prompts)} prompt(s) at step {step}")
+        if vae is None:
+            vae = flux.load_vae(cfg.pretrained_model, dtype)
         vae.to(device)
         sampler = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                text_encoder=None, tokenizer=None, text_encoder_2=None,
