@@ -79,7 +79,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_identical(tiny, straight):
     assert "stopped by SIGTERM at step" in log
     stopped_at = int(log.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").exists()
-    assert "cache: encoded with the VAE and the text encoders" in log
+    assert "cache: encoded with VAE, then CLIP-L, then T5 (each freed before the next)" in log
     size_before = (out / "stderr.log").stat().st_size
     out = train(tiny, "termed")
     resumed = (out / "stderr.log").read_text()[size_before:]
@@ -287,3 +287,26 @@ def test_default_targets_cover_every_linear_of_the_blocks_as_kohya_does(tiny):
     small = adapted(ATTENTION_TARGETS)
     assert small < in_blocks and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
                                      for n in small)
+
+
+def test_text_encoders_one_at_a_time_give_what_encode_prompt_gives(tiny, tmp_path):
+    import torch
+
+    from trainer import flux
+
+    cache = flux.Cache(str(tmp_path), str(tiny / "model"), 32)
+    captions = ["fgx, a red disc", "fgx, a blue square"]
+    texts, loaded = flux.cache_text(str(tiny / "model"), torch.float32, cache, captions, "cpu",
+                                    32, lambda: None)
+    assert loaded == ["CLIP-L", "T5"]
+    pipe = flux.load_pipeline(str(tiny / "model"), torch.float32)
+    for c in captions:
+        with torch.no_grad():  # as the trainer's cache always ran
+            embeds, pooled, _ = pipe.encode_prompt(prompt=[c], prompt_2=None, device="cpu",
+                                                   max_sequence_length=32)
+        assert torch.equal(texts[c]["prompt_embeds"], embeds[0].float())
+        assert torch.equal(texts[c]["pooled"], pooled[0].float())
+    again, loaded = flux.cache_text(str(tiny / "model"), torch.float32, cache, captions, "cpu",
+                                    32, lambda: None)
+    assert loaded == [] and all(torch.equal(again[c]["pooled"], texts[c]["pooled"])
+                                for c in captions)

@@ -47,10 +47,12 @@ def load_vae(path: str, dtype: torch.dtype):
                                          local_files_only=True)
 
 
-def load_text_encoders(path: str, dtype: torch.dtype) -> FluxPipeline:
-    """A pipeline holding only the tokenizers and text encoders (for encode_prompt)."""
+def load_text_encoder(path: str, dtype: torch.dtype, which: str) -> FluxPipeline:
+    """A pipeline holding one text encoder and its tokenizer: "clip" or "t5"."""
+    drop = {"text_encoder_2": None, "tokenizer_2": None} if which == "clip" else \
+        {"text_encoder": None, "tokenizer": None}
     return FluxPipeline.from_pretrained(path, transformer=None, vae=None, torch_dtype=dtype,
-                                        local_files_only=True)
+                                        local_files_only=True, **drop)
 
 
 def load_transformer(path: str, dtype: torch.dtype):
@@ -106,18 +108,31 @@ def cache_latents(vae, cache: Cache, items: list[Item],
 
 
 @torch.no_grad()
-def cache_text(pipe: FluxPipeline | None, cache: Cache, captions: list[str], device,
-               max_len: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Every caption's embeddings, encoding (with `pipe`'s text encoders) those missing."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for caption in dict.fromkeys(captions):
-        path = cache.text_path(caption)
-        if not os.path.exists(path):
-            embeds, pooled, _ = pipe.encode_prompt(prompt=[caption], prompt_2=None, device=device,
-                                                   max_sequence_length=max_len)
-            _atomic_save({"prompt_embeds": embeds[0].float(), "pooled": pooled[0].float()}, path)
-        out[caption] = load_file(path)
-    return out
+def cache_text(path: str, dtype: torch.dtype, cache: Cache, captions: list[str], device,
+               max_len: int, free) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Every caption's embeddings, and which encoders had to be loaded. CLIP-L (pooled) and
+    then T5 (per token) are each loaded only when a caption is missing, one at a time, and
+    freed (`free()`) before the next: what encode_prompt computes, in half the memory."""
+    missing = [c for c in dict.fromkeys(captions) if not os.path.exists(cache.text_path(c))]
+    loaded = []
+    if missing:
+        clip = load_text_encoder(path, dtype, "clip")
+        clip.text_encoder.to(device)
+        pooled = {c: clip._get_clip_prompt_embeds(prompt=[c], device=device)[0].float().cpu()
+                  for c in missing}
+        del clip
+        free()
+        t5 = load_text_encoder(path, dtype, "t5")
+        t5.text_encoder_2.to(device)
+        for c in missing:
+            embeds = t5._get_t5_prompt_embeds(prompt=[c], max_sequence_length=max_len,
+                                              device=device, dtype=dtype)
+            _atomic_save({"prompt_embeds": embeds[0].float(), "pooled": pooled[c]},
+                         cache.text_path(c))
+        del t5
+        free()
+        loaded = ["CLIP-L", "T5"]
+    return {c: load_file(cache.text_path(c)) for c in dict.fromkeys(captions)}, loaded
 
 
 def sample_timesteps(kind: str, n: int, g: torch.Generator, shift: float,

@@ -121,7 +121,6 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     captions = [it.caption for it in items] + cfg.sample_prompts
     need_vae = any(not os.path.exists(cache.latent_path(it, b))
                    for it, b in zip(items, bucket_of))
-    need_text = any(not os.path.exists(cache.text_path(c)) for c in captions)
     loaded = []
     encoder = flux.load_vae(cfg.pretrained_model, dtype).to(device) if need_vae else None
     latents = flux.cache_latents(encoder, cache, items, bucket_of, device)
@@ -129,16 +128,11 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         loaded.append("VAE")
         del encoder
         _free(torch)
-    texts_pipe = flux.load_text_encoders(cfg.pretrained_model, dtype) if need_text else None
-    if texts_pipe is not None:
-        texts_pipe.text_encoder.to(device)
-        texts_pipe.text_encoder_2.to(device)
-        loaded.append("text encoders")
-    texts = flux.cache_text(texts_pipe, cache, captions, device, cfg.t5xxl_max_token_length)
-    del texts_pipe
-    _free(torch)
-    rep.say("cache: encoded with the " + " and the ".join(loaded) if loaded else
-            "cache: complete; text encoders and VAE not loaded")
+    texts, encoders = flux.cache_text(cfg.pretrained_model, dtype, cache, captions, device,
+                                      cfg.t5xxl_max_token_length, lambda: _free(torch))
+    loaded += encoders
+    rep.say("cache: encoded with " + ", then ".join(loaded) + " (each freed before the next)"
+            if loaded else "cache: complete; text encoders and VAE not loaded")
     transformer = flux.load_transformer(cfg.pretrained_model, dtype)
     vae = None  # for samples: loaded at the first one, kept on the CPU between them
 
