@@ -1,4 +1,5 @@
-"""fluxgymd's wiring and event loop: sockets, the queue, runs, shutdown and restore.
+"""fluxgymd's wiring and event loop: sockets, the queue, runs, shutdown and restore. The
+control operations are in operations.py, a job's wire shape in views.py.
 
 Policy lives elsewhere (states, jobspec, progress parsing); this module decides only when
 to call it. Everything runs on one asyncio loop, so a job's state never changes under a
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import fcntl
 import logging
 import os
@@ -26,21 +26,22 @@ import tomli_w
 import zmq
 import zmq.asyncio
 
-from . import __version__, jobspec, ownership
+from . import __version__, ownership
 from .config import Config
-from .joblog import JobLog, count_lines, lines_after, read_tail
+from .joblog import JobLog
 from .journal import Journal, JobLines
 from .notify import Notifier, summary
 from .progress import parse_child_event, parse_tqdm
+from .operations import Operations
+from .probes import job_gpus, make_gpu_probe, oom_kills, process_reading
 from .protocol import (
     CONTROL_SOCKET, ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
-    PROGRESS_SOCKET, PROTOCOL_VERSION, RUNTIME_SETTINGS, TOPIC_PROGRESS, TOPIC_STATE,
-    ErrorCode, FluxgymError, encode, log_topic,
+    PROGRESS_SOCKET, TOPIC_PROGRESS, TOPIC_STATE, FluxgymError, encode, log_topic,
 )
-from .probes import job_gpus, make_gpu_probe, oom_kills, process_reading
 from .server import ControlServer
-from .states import ACTIVE, FINISHED, JobState, check_removal
+from .states import ACTIVE, FINISHED, JobState
 from .store import Store, StoreError
+from .views import job_view
 from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
 from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
 
@@ -101,48 +102,7 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-ETA_WINDOW_S = 300.0
-
-
-def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | None:
-    """Seconds left at the pace of the last ETA_WINDOW_S of wall time (at least two
-    samples 5 s apart), or None."""
-    if not pace or step is None or not total:
-        return None
-    t_new, s_new = pace[-1]
-    old = next(((t, s) for t, s in pace if t >= t_new - ETA_WINDOW_S), pace[0])
-    if t_new - old[0] < 5.0 or s_new <= old[1]:
-        return None
-    rate = (s_new - old[1]) / (t_new - old[0])
-    return max(0.0, (total - step) / rate - (now - t_new))
-
-
-def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[str, Any]:
-    """The stable, documented shape of a job on the wire (`--json`)."""
-    now = time.time() if now is None else now
-    view = {k: v for k, v in job.items() if k not in ("spec", "pid_started", "queued_at")}
-    step, total, sps = job.get("step"), job.get("total_steps"), job.get("seconds_per_step")
-    view["progress"] = (step / total) if (step is not None and total) else None
-    started = job.get("started_at")
-    view["elapsed_s"] = ((job.get("finished_at") or now) - started) if started else None
-    running = job["state"] in (S.RUNNING.value, S.STARTING.value)
-    eta = pace_eta(pace, step, total, now) if running else None
-    if eta is None and running and None not in (step, total, sps):
-        eta = (total - step) * sps  # before the pace has a window: the last step's time
-    view["eta_s"] = eta
-    view["lora"] = lora_path(job)
-    return view
-
-
-def lora_path(job: dict[str, Any]) -> str | None:
-    """The finished LoRA of a lora job, once it exists."""
-    if job.get("kind") != "lora":
-        return None
-    path = Path(job["output_dir"]) / f"{job['name']}.safetensors"
-    return str(path) if path.is_file() else None
-
-
-class Daemon:
+class Daemon(Operations):
     def __init__(self, cfg: Config, journal: Journal | None = None):
         self.cfg = cfg
         self.journal = journal
@@ -658,278 +618,6 @@ class Daemon:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             self._flush()
-
-    # --- control handlers -----------------------------------------------------------
-    def _handlers(self) -> dict[str, Any]:
-        return {
-            "ping": self.op_ping, "version": self.op_ping, "submit": self.op_submit,
-            "list": self.op_list, "show": self.op_show, "cancel": self.op_cancel,
-            "retry": self.op_retry, "logs": self.op_logs, "metrics": self.op_metrics,
-            "remove": self.op_remove, "clean": self.op_clean, "pause": self.op_pause,
-            "resume": self.op_resume, "move": self.op_move, "config": self.op_config,
-        }
-
-    def _find(self, ref: str) -> dict[str, Any]:
-        self._flush()  # answers show the latest step, not the last flush
-        return self.store.find(ref)
-
-    def op_ping(self, args) -> dict[str, Any]:
-        return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION,
-                "pid": os.getpid(), "uptime_s": time.monotonic() - self.started_mono,
-                "runtime_dir": str(self.cfg.runtime_dir), "state_dir": str(self.cfg.state_dir),
-                "outputs_dir": str(self.cfg.outputs_dir),
-                "max_concurrent_jobs": self.max_concurrent,
-                "allow_command_jobs": self.cfg.allow_command_jobs, "paused": self.paused,
-                "restoring": sorted(self.restoring),
-                "summary": self._summary(), "stopping": self.stopping}
-
-    def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
-        """Why this job may not run here, or None. A command job is any program run as the
-        daemon's user: whoever reaches the socket could run code, so they are opt-in."""
-        if spec["kind"] != "command" or self.cfg.allow_command_jobs:
-            return None
-        where = f"[daemon] in {self.cfg.config_file}" if self.cfg.config_file else \
-            "[daemon] of fluxgymd's config file"
-        return ("command jobs are turned off on this fluxgymd: a command job runs any program "
-                "as the daemon's user, so anyone who can reach its socket could run code. To "
-                f"allow them, set allow_command_jobs = true under {where} (or start fluxgymd "
-                "with --allow-command-jobs) and restart it")
-
-    def _check_allowed(self, spec: dict[str, Any]) -> None:
-        if (why := self._command_jobs_off(spec)) is not None:
-            raise FluxgymError(ErrorCode.FORBIDDEN, why)
-
-    def op_submit(self, args) -> dict[str, Any]:
-        if self.stopping:
-            raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
-                               "once it has restarted")
-        spec = jobspec.parse(args["text"], args["source"], args["name"], self.cfg.outputs_dir)
-        self._check_allowed(spec)
-        out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
-        try:
-            # claimed inside the store's transaction: no job without its folder, and no
-            # folder taken over from another job or another fluxgymd's database
-            job = self.store.add_job(spec, out, args["priority"], prepare=lambda job_id:
-                                     ownership.claim(out, self.store.id, job_id, spec))
-        except OSError as e:
-            raise FluxgymError(ErrorCode.INVALID_JOB, f"cannot create the output folder {out}: "
-                               f"{e.strerror or e}") from None
-        log.info("job %s (%s): queued from %s", job["id"], job["name"], args["source"] or "-")
-        for w in spec["warnings"]:
-            log.warning("job %s (%s): %s", job["id"], job["name"], w,
-                        extra={"job_id": job["id"], "job_name": job["name"]})
-        self._announce(job)
-        self.schedule()
-        view = self._view(self.store.get(job["id"]))
-        view["warnings"] = spec["warnings"]
-        return view
-
-    def op_list(self, args) -> dict[str, Any]:
-        self._flush()
-        now = time.time()
-        states = args["states"] or []
-        bad = [s for s in states if s not in {x.value for x in JobState}]
-        if bad:
-            raise FluxgymError(ErrorCode.BAD_ARGS, f"unknown state(s) {', '.join(map(str, bad))}; "
-                               f"states are: {', '.join(s.value for s in JobState)}")
-        jobs = self.store.list_jobs(states)
-        return {"jobs": [self._view(j, now) for j in jobs], "counts": self.store.counts(),
-                "paused": self.paused, "max_concurrent_jobs": self.max_concurrent}
-
-    def op_show(self, args) -> dict[str, Any]:
-        job = self._find(args["job"])
-        view = self._view(job)
-        view["spec"] = job["spec"]
-        view["events"] = self.store.events(job["id"], max(0, args["events"]))
-        view["log_file"] = str(Path(job["output_dir"]) / "train.log")
-        limits = self._limits_for(job)
-        run = self.runs.get(job["id"])
-        view["watchdog"] = {
-            "gpu": self.gpu.describe(),
-            "restarts": f"{job['restarts']}/{limits.max_restarts}",
-            "no_progress": f"{job['no_progress']}/{limits.no_progress_restarts}",
-            "step_limit_s": run.watch.step_limit() if run and run.watch else limits.stall_floor_s,
-            "limits": dataclasses.asdict(limits),
-        }
-        return view
-
-    def op_cancel(self, args) -> dict[str, Any]:
-        job = self._find(args["job"])
-        state = S(job["state"])
-        run = self.runs.get(job["id"])
-        if run is not None:
-            if not run.cancel:
-                run.cancel = True
-                self.store.update(job["id"], cancel_requested=1)
-                run.log.write(["=== fluxgymd: cancel requested; SIGTERM to the job's process "
-                               f"group, SIGKILL after {self.cfg.kill_grace_s:g}s ==="])
-                self._spawn(run.child.terminate(self.cfg.kill_grace_s))
-            return self._view(self.store.get(job["id"]))
-        if job["id"] in self.restoring:
-            # restore is stopping what a previous daemon left of it; it ends cancelled
-            self.store.update(job["id"], cancel_requested=1)
-            return self._view(self.store.get(job["id"]))
-        if state in FINISHED:
-            raise FluxgymError(ErrorCode.INVALID_STATE,
-                               f"job {job['id']} ({job['name']}) is already {state.value}")
-        timer = self.recovering.pop(job["id"], None)
-        if timer is not None:
-            timer.cancel()
-        job = self._transition(job["id"], S.CANCELLED, "cancelled by user")
-        self.schedule()
-        return self._view(job)
-
-    def op_retry(self, args) -> dict[str, Any]:
-        job = self._find(args["job"])
-        state = S(job["state"])
-        if state is S.SUCCEEDED:
-            raise FluxgymError(
-                ErrorCode.INVALID_STATE,
-                f"job {job['id']} ({job['name']}) succeeded; a finished job is never run again. "
-                "Submit the file again under a new name (submit --name NEW)",
-            )
-        if state not in (S.FAILED, S.CANCELLED, S.INTERRUPTED):
-            raise FluxgymError(ErrorCode.INVALID_STATE,
-                               f"job {job['id']} ({job['name']}) is {state.value}; only failed, "
-                               "cancelled or interrupted jobs can be retried")
-        self._check_allowed(job["spec"])
-        job = self._transition(job["id"], S.QUEUED, "retry requested by user",
-                               cancel_requested=0, restarts=0, no_progress=0)
-        self.schedule()
-        return self._view(self.store.get(job["id"]))
-
-    def op_logs(self, args) -> dict[str, Any]:
-        job = self._find(args["job"])
-        jl = self.logs.get(job["id"])
-        folder = Path(job["output_dir"])
-        live = jl.seq if jl is not None else count_lines(folder, self.cfg.log_backups)
-        base = {"job": job["id"], "name": job["name"], "state": job["state"], "seq": live,
-                "epoch": self.epoch}
-        if args["after"] is not None:
-            limit = max(1, args["lines"])
-            items, gap = jl.since(args["after"], limit) if jl is not None else ([], True)
-            if gap:  # older than the ring holds (or no ring): read them from train.log
-                first, lines = lines_after(folder, args["after"], limit, self.cfg.log_backups,
-                                           live)
-                out = dict(base, lines=lines, first=first, gap=first is not None
-                           and first > args["after"] + 1)
-                if args["timestamps"]:
-                    out["times"] = [jl.time_of(first + i) if jl else None
-                                    for i in range(len(lines))]
-                return out
-            out = dict(base, lines=[l for _, l in items],
-                       first=items[0][0] if items else None, gap=False)
-            if args["timestamps"]:
-                out["times"] = [jl.time_of(n) for n, _ in items]
-            return out
-        lines = read_tail(Path(job["output_dir"]), args["lines"], self.cfg.log_backups)
-        out = dict(base, lines=lines, first=None, gap=False)
-        if args["timestamps"]:
-            # the ring knows when its lines came; older lines (from train.log) do not
-            times: list[float | None] = [None] * len(lines)
-            if jl is not None and lines:
-                for i in range(len(lines)):
-                    times[i] = jl.time_of(jl.seq - len(lines) + 1 + i)
-            out["times"] = times
-        return out
-
-    def op_metrics(self, args) -> dict[str, Any]:
-        job = self._find(args["job"])
-        return {"job": job["id"], "metrics": self.store.metrics(job["id"], args["limit"])}
-
-    # --- queue control -----------------------------------------------------------------
-    def _remove(self, job: dict[str, Any], delete_outputs: bool) -> dict[str, Any]:
-        if job["id"] in self.restoring:
-            raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being restored "
-                               "after a restart; try again in a moment")
-        removed = self.store.remove(job["id"])  # refuses active jobs (states.REMOVABLE)
-        old_log = self.logs.pop(job["id"], None)
-        if old_log is not None:
-            old_log.close()
-        out = Path(job["output_dir"])
-        deleted = False
-        if delete_outputs and out.is_dir():
-            owner = ownership.read_owner(out) or {}
-            if owner.get("store") == self.store.id and owner.get("job") == job["id"]:
-                shutil.rmtree(out, ignore_errors=True)
-                deleted = True
-            else:
-                log.warning("job %s: kept %s: it is not marked as this job's", job["id"], out)
-        log.info("job %s (%s): removed (%s)", job["id"], job["name"],
-                 "outputs deleted" if deleted else f"outputs kept in {out}")
-        self._publish(TOPIC_STATE, dict(self._view(removed), state="removed"))
-        return {"id": job["id"], "name": job["name"], "state": removed["state"],
-                "output_dir": str(out), "outputs_deleted": deleted}
-
-    def op_remove(self, args) -> dict[str, Any]:
-        jobs = [self._find(ref) for ref in dict.fromkeys(args["jobs"])]
-        for job in jobs:  # all or nothing: check every one before removing any
-            if job["id"] in self.restoring:
-                raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being "
-                                   "restored after a restart; try again in a moment")
-            check_removal(job["state"])
-        removed = [self._remove(j, args["delete_outputs"]) for j in jobs]
-        self.notifier.status(self._summary())
-        return {"removed": removed}
-
-    def op_clean(self, args) -> dict[str, Any]:
-        states = args["states"] or [S.SUCCEEDED.value, S.FAILED.value, S.CANCELLED.value]
-        bad = [x for x in states if x not in {st.value for st in FINISHED}]
-        if bad:
-            raise FluxgymError(ErrorCode.BAD_ARGS, f"clean removes finished jobs only; "
-                               f"{', '.join(bad)} is not one of: "
-                               f"{', '.join(sorted(st.value for st in FINISHED))}")
-        removed = [self._remove(j, args["delete_outputs"]) for j in self.store.list_jobs(states)]
-        self.notifier.status(self._summary())
-        return {"removed": removed}
-
-    def _set_paused(self, paused: bool) -> dict[str, Any]:
-        self.store.set_setting("paused", "1" if paused else None)
-        self.paused = paused
-        log.info("queue %s", "paused: running jobs go on, queued ones wait" if paused
-                 else "resumed")
-        self.notifier.status(self._summary())
-        self.schedule()
-        return {"paused": paused, "summary": self._summary()}
-
-    def op_pause(self, args) -> dict[str, Any]:
-        return self._set_paused(True)
-
-    def op_resume(self, args) -> dict[str, Any]:
-        return self._set_paused(False)
-
-    def op_move(self, args) -> dict[str, Any]:
-        if args["to"] is None and args["priority"] is None:
-            raise FluxgymError(ErrorCode.BAD_ARGS, "move: give `to` (first or last) or "
-                               "`priority`")
-        job = self._find(args["job"])
-        moved = self.store.move(job["id"], args["to"], args["priority"])
-        self._announce(moved)
-        return self._view(moved)
-
-    def op_config(self, args) -> dict[str, Any]:
-        key, value = args["key"], args["value"]
-        if key is None and (value is not None or args["reset"]):
-            raise FluxgymError(ErrorCode.BAD_ARGS, "config: name the setting to change "
-                               f"(one of: {', '.join(RUNTIME_SETTINGS)})")
-        if key is not None and args["reset"]:
-            self.store.set_setting(key, None)
-            self.max_concurrent = self.cfg.max_concurrent_jobs
-            log.info("%s back to the config's %s", key, self.max_concurrent)
-            self.schedule()
-        elif key is not None and value is not None:
-            lo, hi = RUNTIME_SETTINGS[key]
-            if not lo <= value <= hi:
-                raise FluxgymError(ErrorCode.BAD_ARGS, f"config: {key} must be between {lo} "
-                                   f"and {hi}, got {value}")
-            self.store.set_setting(key, str(value))
-            self.max_concurrent = value
-            log.info("%s = %s (set at run time; kept across restarts)", key, value)
-            self.schedule()
-        return {"settings": {"max_concurrent_jobs": self.max_concurrent},
-                "paused": self.paused,
-                "from_config_file": {"max_concurrent_jobs": self.cfg.max_concurrent_jobs}}
-
 
 def run_daemon(cfg: Config, journal: Journal | None = None) -> int:
     daemon = Daemon(cfg, journal)

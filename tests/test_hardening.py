@@ -380,7 +380,7 @@ def test_progress_shows_the_phase_and_the_eta_is_smoothed():
     from collections import deque
 
     from fluxgymctl.render import progress
-    from fluxgymd.daemon import pace_eta
+    from fluxgymd.views import pace_eta
 
     assert progress({"state": "running", "phase": "caching", "progress": None}) == "caching"
     assert progress({"state": "succeeded", "phase": None, "progress": 1.0}) == "100%"

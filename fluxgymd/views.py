@@ -1,0 +1,48 @@
+"""How a job looks on the wire: the stable `--json` shape, its progress, ETA and LoRA."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .states import JobState as S
+
+ETA_WINDOW_S = 300.0
+
+
+def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | None:
+    """Seconds left at the pace of the last ETA_WINDOW_S of wall time (at least two
+    samples 5 s apart), or None."""
+    if not pace or step is None or not total:
+        return None
+    t_new, s_new = pace[-1]
+    old = next(((t, s) for t, s in pace if t >= t_new - ETA_WINDOW_S), pace[0])
+    if t_new - old[0] < 5.0 or s_new <= old[1]:
+        return None
+    rate = (s_new - old[1]) / (t_new - old[0])
+    return max(0.0, (total - step) / rate - (now - t_new))
+
+
+def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[str, Any]:
+    """The stable, documented shape of a job on the wire (`--json`)."""
+    now = time.time() if now is None else now
+    view = {k: v for k, v in job.items() if k not in ("spec", "pid_started", "queued_at")}
+    step, total, sps = job.get("step"), job.get("total_steps"), job.get("seconds_per_step")
+    view["progress"] = (step / total) if (step is not None and total) else None
+    started = job.get("started_at")
+    view["elapsed_s"] = ((job.get("finished_at") or now) - started) if started else None
+    running = job["state"] in (S.RUNNING.value, S.STARTING.value)
+    eta = pace_eta(pace, step, total, now) if running else None
+    if eta is None and running and None not in (step, total, sps):
+        eta = (total - step) * sps  # before the pace has a window: the last step's time
+    view["eta_s"] = eta
+    view["lora"] = lora_path(job)
+    return view
+
+
+def lora_path(job: dict[str, Any]) -> str | None:
+    """The finished LoRA of a lora job, once it exists."""
+    if job.get("kind") != "lora":
+        return None
+    path = Path(job["output_dir"]) / f"{job['name']}.safetensors"
+    return str(path) if path.is_file() else None
