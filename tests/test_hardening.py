@@ -342,7 +342,11 @@ def test_logs_follow_and_wait_survive_a_restart(daemon_factory, short_tmp):
     waiter = subprocess.Popen(base + ["wait", "long"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     try:
-        wait_until(lambda: "line 60" in d.call("logs", job="long", lines=5)["lines"], 20)
+        def reached(n):
+            lines = d.call("logs", job="long", lines=20)["lines"]
+            return any(l.startswith("line ") and int(l.split()[1]) >= n for l in lines)
+
+        wait_until(lambda: reached(60), 20, what="line 60")
         d.stop(signal.SIGTERM)
         time.sleep(1.5)
         d.start()
