@@ -62,6 +62,14 @@ def parse(text: str, source: str = "", name_override: str = "",
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FluxgymError(ErrorCode.INVALID_JOB, f"{where}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise FluxgymError(ErrorCode.INVALID_JOB, f"{where}: arrays or tables nested too deeply "
+                           "for a job file") from None
+    nul = list(_with_nul(data, ""))
+    if nul:
+        # paths, argv and env cannot hold one: the OS refuses them at exec or stat
+        raise FluxgymError(ErrorCode.INVALID_JOB, f"{where}: a NUL character (\\u0000) in "
+                           f"{', '.join(nul[:5])}; remove it", details=nul)
     base = Path(source).resolve().parent if source else Path.cwd()
     errors: list[str] = []
     spec = _validate(data, base, errors, name_override)
@@ -75,6 +83,23 @@ def parse(text: str, source: str = "", name_override: str = "",
         msg = f"{where} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
         raise FluxgymError(ErrorCode.INVALID_JOB, msg, details=errors)
     return spec
+
+
+def _with_nul(value: Any, where: str):
+    """The keys of every string (or key) that holds a NUL character."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield where or "a value"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{where}.{k}" if where else str(k)
+            if "\x00" in str(k):
+                yield repr(name)
+            else:
+                yield from _with_nul(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _with_nul(v, f"{where}[{i}]")
 
 
 def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> dict[str, Any]:

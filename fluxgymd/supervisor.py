@@ -69,8 +69,9 @@ class Child:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True, close_fds=True,
             )
-        except OSError as e:
-            raise SpawnError(f"could not start {argv[0]!r}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in argv, cwd or env
+            raise SpawnError(f"could not start {argv[0]!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
         self.pid = self.proc.pid
         self.started = time.monotonic()
         try:

@@ -503,3 +503,17 @@ def test_the_trainer_refuses_a_model_that_is_not_flux_with_exit_2(tiny, short_tm
                        capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2 and "not a Flux pipeline" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 50_000 + "]" * 50_000,
+    '[job]\nname = "x"\nkind = "command"\n[command]\nargv = ["/bin/tr\\u0000ue"]\n',
+    '[job]\nname = "x"\nkind = "command"\n[command]\nargv = ["true"]\ncwd = "a\\u0000"\n',
+    '[job]\nname = "x"\nkind = "command"\n[command]\nargv = ["true"]\nenv = {"A\\u0000" = "b"}\n',
+    '[job]\nname = "x"\nkind = "command"\n[command]\nargv = ["true"]\nenv = {"A" = "\\u0000"}\n',
+])
+def test_job_files_the_os_cannot_take_are_refused_not_internal(daemon, text):
+    with pytest.raises(Exception) as err:
+        daemon.call("submit", text=text)
+    assert getattr(err.value, "code", None) == "invalid_job", err.value
+    assert daemon.call("list")["jobs"] == [] and daemon.call("ping")["pong"]

@@ -30,6 +30,18 @@ EVIL = [
 ]
 
 
+# Job files that are valid TOML but hold what no OS call takes, or nest too deep to parse.
+EVIL_TOML = [
+    "a = " + "[" * 20_000 + "]" * 20_000,
+    '[job]\nname = "fz"\nkind = "command"\n[command]\nargv = ["/bin/tr\\u0000ue"]\n',
+    '[job]\nname = "fz"\nkind = "command"\n[command]\nargv = ["true"]\ncwd = "\\u0000"\n',
+    '[job]\nname = "fz"\nkind = "command"\n[command]\nargv = ["true"]\nenv = {"A" = "\\u0000"}\n',
+    '[job]\nname = "fz"\nkind = "lora"\n[train]\npretrained_model = "\\u0000"\ndataset_dir = "."\n',
+    '[job]\nname = "12345"\nkind = "command"\n[command]\nargv = ["true"]\n',
+    '[job]\nname = "fz"\nkind = "command"\n[command]\nargv = [["x"]]\nenv = [1]\n',
+]
+
+
 def deep(n: int) -> str:
     """A placeholder that `encode` turns into JSON nested n deep (json.dumps cannot)."""
     return f"__DEEP_{n}__"
@@ -61,7 +73,9 @@ def structured_requests(rng):
         args = valid_args(op)
         env = {"v": PROTOCOL_VERSION, "id": f"s{rng.randrange(10**9)}", "op": op, "args": args}
         r = rng.random()
-        if r < 0.6 and OPS[op]:
+        if op == "submit" and r < 0.3:
+            args["text"] = rng.choice(EVIL_TOML)
+        elif r < 0.6 and OPS[op]:
             args[rng.choice(list(OPS[op]))] = rng.choice(EVIL)
         elif r < 0.7:
             args[rng.choice(["bogus", "", "\ud800", "job "])] = rng.choice(EVIL)
