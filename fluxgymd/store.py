@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 import uuid
@@ -93,8 +92,6 @@ UPDATABLE = frozenset(
         "cancel_requested", "attempts", "restarts", "no_progress", "started_at",
     }
 )
-# The tables a damaged database is recovered from, row by row, in this order.
-RECOVERED_TABLES = ("meta", "jobs", "events", "metrics")
 RECOVER_HINT = (
     "stop fluxgymd and run `fluxgymd --recover-db` (with the same --state-dir or --config): "
     "it keeps the damaged file beside the new one and copies every row that can still be read"
@@ -378,73 +375,3 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job["cancel_requested"] = bool(job["cancel_requested"])
     return job
 
-
-def recover(path: Path) -> dict[str, Any]:
-    """Copy every row that can still be read from a damaged database into a new one at
-    `path`; the damaged file is renamed beside it. Returns what was kept and lost."""
-    path = Path(path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    damaged = path.with_name(f"{path.name}.damaged-{stamp}")
-    os.replace(path, damaged)
-    for suffix in ("-wal", "-shm"):  # they belong to the damaged file now
-        side = Path(str(path) + suffix)
-        if side.exists():
-            os.replace(side, Path(str(damaged) + suffix))
-    old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True, isolation_level=None)
-    new = Store(path, check=False)
-    report: dict[str, Any] = {"damaged": str(damaged), "tables": {}}
-    try:
-        for table in RECOVERED_TABLES:
-            report["tables"][table] = _copy_rows(old, new.db, table)
-    finally:
-        old.close()
-        new.close()
-    return report
-
-
-def _copy_rows(old: sqlite3.Connection, new: sqlite3.Connection, table: str) -> dict[str, int]:
-    """Rows in rowid order; a page that cannot be read is skipped and the scan goes on
-    after it."""
-    try:
-        cols = [r[1] for r in old.execute(f"PRAGMA table_info({table})")]
-        top = old.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0] or 0
-    except sqlite3.DatabaseError:
-        cols, top = [], 0
-    keep = [c for c in cols if c in
-            {r[1] for r in new.execute(f"PRAGMA table_info({table})")}]
-    copied = lost = 0
-    after = 0
-    if not keep:
-        return {"copied": 0, "unreadable": 0}
-    names = ", ".join(keep)
-    marks = ", ".join("?" * len(keep))
-    new.execute("BEGIN")
-    while after < top:
-        try:
-            rows = old.execute(f"SELECT rowid, {names} FROM {table} WHERE rowid > ? "
-                               "ORDER BY rowid LIMIT 500", (after,)).fetchall()
-        except sqlite3.DatabaseError:
-            rows = None
-        if rows is None:  # read one at a time past the bad page
-            after += 1
-            try:
-                row = old.execute(f"SELECT rowid, {names} FROM {table} WHERE rowid = ?",
-                                  (after,)).fetchone()
-            except sqlite3.DatabaseError:
-                lost += 1
-                continue
-            rows = [row] if row else []
-            if not rows:
-                continue
-        if not rows:
-            break
-        for row in rows:
-            try:
-                new.execute(f"INSERT OR REPLACE INTO {table} (rowid, {names}) VALUES (?, {marks})",
-                            tuple(row))
-                copied += 1
-            except sqlite3.DatabaseError:
-                lost += 1
-            after = row[0]
-    new.execute("COMMIT")
-    return {"copied": copied, "unreadable": lost}

@@ -55,6 +55,18 @@ def _caption(image_path: str, trigger: str, max_chars: int = 0, warn=None) -> st
     return caption
 
 
+def dataset_files(dataset_dir: str):
+    """(path, kind) for each file a dataset folder holds, sorted by name; kind is "image",
+    "caption" or "other". Folders, hidden files and OS litter are skipped."""
+    for name in sorted(os.listdir(dataset_dir)):
+        path = os.path.join(dataset_dir, name)
+        if os.path.isdir(path) or name.lower() in IGNORED or name.startswith("."):
+            continue
+        ext = os.path.splitext(name)[1].lower()
+        yield path, ("caption" if ext == CAPTION_EXT else
+                     "image" if ext in IMAGE_EXTS else "other")
+
+
 def scan(dataset_dir: str, trigger: str = "", max_chars: int = 0, warn=None,
          resolution: int = 0) -> list[Item]:
     """Every image in the folder (sorted by name), checked to open; errors name the file.
@@ -64,14 +76,10 @@ def scan(dataset_dir: str, trigger: str = "", max_chars: int = 0, warn=None,
     if not os.path.isdir(dataset_dir):
         raise DatasetError(f"dataset folder {dataset_dir} does not exist")
     items: list[Item] = []
-    for name in sorted(os.listdir(dataset_dir)):
-        path = os.path.join(dataset_dir, name)
-        ext = os.path.splitext(name)[1].lower()
-        if os.path.isdir(path) or name.lower() in IGNORED or name.startswith("."):
+    for path, kind in dataset_files(dataset_dir):
+        if kind == "caption":
             continue
-        if ext == CAPTION_EXT:
-            continue
-        if ext not in IMAGE_EXTS:
+        if kind == "other":
             raise DatasetError(
                 f"{path} is not an image this trainer reads (use {', '.join(IMAGE_EXTS)} "
                 "with optional same-name .txt captions), or move it out of the dataset folder"

@@ -12,7 +12,7 @@ import shutil
 import struct
 
 from .config import TrainConfig
-from .data import CAPTION_EXT, IGNORED, IMAGE_EXTS, max_caption_chars
+from .data import IMAGE_EXTS, dataset_files, max_caption_chars
 
 MiB = 1 << 20
 
@@ -77,12 +77,8 @@ def check_dataset(cfg: TrainConfig) -> tuple[list[str], list[str]]:
         return problems, warnings  # config.parse already said so
     images = 0
     limit = max_caption_chars(cfg.t5xxl_max_token_length)
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        ext = os.path.splitext(name)[1].lower()
-        if os.path.isdir(path) or name.lower() in IGNORED or name.startswith("."):
-            continue
-        if ext == CAPTION_EXT:
+    for path, kind in dataset_files(folder):
+        if kind == "caption":
             try:
                 if os.path.getsize(path) > limit:
                     warnings.append(f"caption {path} is longer than the text encoders can use; "
@@ -90,7 +86,7 @@ def check_dataset(cfg: TrainConfig) -> tuple[list[str], list[str]]:
             except OSError:
                 pass
             continue
-        if ext not in IMAGE_EXTS:
+        if kind == "other":
             problems.append(f"train.dataset_dir: {path} is not an image this trainer reads (use "
                             f"{', '.join(IMAGE_EXTS)} with optional same-name .txt captions); "
                             "move it out of the dataset folder")
@@ -178,8 +174,7 @@ def disk_needed(cfg: TrainConfig, n_images: int) -> int:
 def check_disk(cfg: TrainConfig, outputs_dir: str) -> list[str]:
     if not os.path.isdir(cfg.dataset_dir):
         return []
-    n = sum(1 for n in os.listdir(cfg.dataset_dir)
-            if os.path.splitext(n)[1].lower() in IMAGE_EXTS)
+    n = sum(1 for _, kind in dataset_files(cfg.dataset_dir) if kind == "image")
     need = disk_needed(cfg, n)
     try:
         free = shutil.disk_usage(outputs_dir).free
