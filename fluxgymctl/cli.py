@@ -2,83 +2,29 @@
 and renders the answer as a table or, with --json, as JSON with stable field names."""
 from __future__ import annotations
 
-import functools
-import json
 import os
 import stat
 import sys
 import time
-from typing import Any
 
 import click
 
 from fluxgymd import __version__
-from fluxgymd.client import Client, DaemonUnavailable, RemoteError
-from fluxgymd.protocol import (MAX_MESSAGE_BYTES, OPS, PRIORITY_RANGE,
-                               TOPIC_STATE, log_topic)
+from fluxgymd.protocol import MAX_MESSAGE_BYTES, OPS, PRIORITY_RANGE
 
 from . import render
+from .context import DONE, Ctx, command, fail
 from .exitcodes import Exit
+from .follow import finish_wait, follow_logs, print_lines, wait_for
 
-DONE = ("succeeded", "failed", "cancelled")
 # The job file travels inside one request, with room for the envelope.
 MAX_JOB_FILE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
-RECONNECT_S = 120.0  # how long logs -f and wait keep trying while fluxgymd restarts
 
 
 def _range(op: str, arg: str) -> click.IntRange:
     """The daemon's own limits for an argument, checked before anything is sent."""
     spec = OPS[op][arg]
     return click.IntRange(spec.minimum, spec.maximum)
-ERROR_EXIT = {"not_found": Exit.NOT_FOUND, "ambiguous": Exit.NOT_FOUND,
-              "internal": Exit.DAEMON_ERROR}
-
-
-class Ctx:
-    def __init__(self, runtime_dir: str | None, timeout: float, as_json: bool):
-        self.runtime_dir, self.timeout, self.json = runtime_dir, timeout, as_json
-        self._client: Client | None = None
-        self.reached = False  # fluxgymd answered once: later silence is a restart
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = Client(self.runtime_dir, timeout=self.timeout)
-        return self._client
-
-    def call(self, op: str, **args: Any) -> Any:
-        result = self.client.call(op, **args)
-        self.reached = True
-        return result
-
-
-def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:
-    if ctx.json:
-        render.emit_json({"error": {"code": error_code or code.name.lower(), "message": message}})
-    else:
-        click.echo(f"fluxgymctl: {message}", err=True)
-    sys.exit(int(code))
-
-
-def command(fn):
-    """Common to every command: --json, and errors as messages with documented exit codes."""
-
-    @click.option("--json", "as_json", is_flag=True,
-                  help="Print JSON (stable field names) instead of text.")
-    @click.pass_obj
-    @functools.wraps(fn)
-    def wrapper(ctx: Ctx, *args, as_json: bool = False, **kwargs):
-        ctx.json = ctx.json or as_json
-        try:
-            return fn(ctx, *args, **kwargs)
-        except DaemonUnavailable as e:
-            fail(ctx, Exit.DAEMON_UNAVAILABLE, str(e), "daemon_unavailable")
-        except RemoteError as e:
-            fail(ctx, ERROR_EXIT.get(e.code, Exit.REJECTED), e.message, e.code)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,7 +105,7 @@ def submit(ctx: Ctx, job_file: str, name: str, priority: int, wait_: bool,
         return
     if not ctx.json:
         click.echo(f"job {job['id']} ({job['name']}) {job['state']}; waiting...")
-    _finish_wait(ctx, _wait_for(ctx, str(job["id"]), wait_timeout))
+    finish_wait(ctx, wait_for(ctx, str(job["id"]), wait_timeout))
 
 
 def _read_job_file(ctx: Ctx, job_file: str) -> str:
@@ -294,123 +240,9 @@ def logs(ctx: Ctx, job: str, lines: int, follow: bool, timestamps: bool) -> None
         r = ctx.call("logs", job=job, lines=lines, timestamps=timestamps)
         if ctx.json:
             return render.emit_json(r)
-        _print_lines(r["lines"], times=r.get("times") if timestamps else None)
+        print_lines(r["lines"], times=r.get("times") if timestamps else None)
         return
-    _follow(ctx, job, lines, timestamps)
-
-
-def _stamp(t: float | None) -> str:
-    if t is None:
-        return "-".ljust(23)
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
-
-
-def _print_lines(lines: list[str], as_json: bool = False, first: int | None = None,
-                 times: list[float | None] | None = None) -> None:
-    if as_json:
-        for i, line in enumerate(lines):
-            seq = None if first is None else first + i
-            obj: dict[str, Any] = {"seq": seq, "line": line}
-            if times is not None:
-                obj["time"] = times[i] if i < len(times) else None
-            sys.stdout.write(json.dumps(obj) + "\n")
-    elif lines:
-        if times is not None:
-            lines = [f"{_stamp(times[i] if i < len(times) else None)}  {line}"
-                     for i, line in enumerate(lines)]
-        sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
-
-
-def _notice(ctx: Ctx, text: str) -> None:
-    """A line about the stream itself (a gap, a restart): on stderr, so stdout stays the
-    job's own lines; in --json mode an object with "notice"."""
-    if ctx.json:
-        sys.stdout.write(json.dumps({"notice": text}) + "\n")
-        sys.stdout.flush()
-    else:
-        click.echo(f"fluxgymctl: {text}", err=True)
-
-
-def _reconnecting(ctx: Ctx, fn, *args, **kwargs):
-    """Call fn; while fluxgymd is away (restarting), say so once and try again for up to
-    RECONNECT_S seconds."""
-    deadline = None
-    while True:
-        try:
-            result = fn(*args, **kwargs)
-        except DaemonUnavailable as e:
-            if not ctx.reached:
-                raise  # never there at all: say so at once
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + RECONNECT_S
-                _notice(ctx, f"lost fluxgymd ({str(e).split(';')[0]}); reconnecting for up to "
-                        f"{RECONNECT_S:g}s")
-            elif now >= deadline:
-                raise
-            time.sleep(0.5)
-            continue
-        if deadline is not None:
-            _notice(ctx, "reconnected to fluxgymd")
-        return result
-
-
-def _follow(ctx: Ctx, ref: str, n: int, timestamps: bool = False) -> None:
-    """Tail, then stream. Live lines come from the events socket; any gap (a late
-    subscription, a dropped event, a restart of fluxgymd) is filled by number from the
-    daemon, which numbers a job's lines as they stand in train.log, across restarts. A gap
-    that cannot be filled is announced, never silent."""
-    call = functools.partial(_reconnecting, ctx, ctx.call)
-    job_id = call("show", job=ref, events=0)["id"]
-    sub = ctx.client.subscribe(log_topic(job_id), TOPIC_STATE)
-    try:
-        r = call("logs", job=str(job_id), lines=n, timestamps=timestamps)
-        _print_lines(r["lines"], ctx.json, (r["seq"] or 0) - len(r["lines"]) + 1,
-                     r.get("times") if timestamps else None)
-        last, epoch = r["seq"] or 0, r.get("epoch")
-
-        def fill() -> dict:
-            nonlocal last, epoch
-            while True:
-                r = call("logs", job=str(job_id), after=last, lines=5000, timestamps=timestamps)
-                if r.get("epoch") != epoch:
-                    _notice(ctx, "fluxgymd restarted; following on from line "
-                            f"{last + 1} of train.log")
-                    epoch = r.get("epoch")
-                if r["lines"] and r["first"] > last + 1:
-                    _notice(ctx, f"lines {last + 1}-{r['first'] - 1} are no longer kept "
-                            "(see train.log and its rotated copies)")
-                if r["lines"]:
-                    _print_lines(r["lines"], ctx.json, r["first"],
-                                 r.get("times") if timestamps else None)
-                    last = r["first"] + len(r["lines"]) - 1
-                if len(r["lines"]) < 5000:
-                    return r
-
-        while True:
-            quiet, done = True, False
-            for topic, ev in sub.events(timeout=1.0):
-                quiet = False
-                if topic == TOPIC_STATE:
-                    done = done or (ev["id"] == job_id and ev["state"] in DONE)
-                    continue
-                if timestamps or ev.get("epoch") != epoch or ev["first"] > last + 1:
-                    fill()
-                    continue
-                skip = last + 1 - ev["first"]
-                fresh = ev["lines"][skip:]
-                if fresh:
-                    _print_lines(fresh, ctx.json, ev["first"] + skip)
-                    last = ev["first"] + len(ev["lines"]) - 1
-                if done:
-                    break
-            if quiet or done:
-                r = fill()
-                if r["state"] in DONE:
-                    return
-    finally:
-        sub.close()
+    follow_logs(ctx, job, lines, timestamps)
 
 
 @cli.command(short_help="Stop a job (SIGTERM to its group, SIGKILL after a grace).")
@@ -422,7 +254,7 @@ def cancel(ctx: Ctx, job: str, no_wait: bool) -> None:
     """Stop JOB: SIGTERM to its whole process group, SIGKILL after the grace period."""
     j = ctx.call("cancel", job=job)
     if not no_wait and j["state"] not in DONE:
-        j = _wait_for(ctx, str(j["id"]), None)
+        j = wait_for(ctx, str(j["id"]), None)
     if ctx.json:
         return render.emit_json(j)
     click.echo(f"job {j['id']} ({j['name']}) {j['state']}: {j['reason']}")
@@ -449,7 +281,7 @@ def wait(ctx: Ctx, job: str, wait_timeout: float | None) -> None:
 
     An interrupted job resumes, so waiting goes on; while fluxgymd restarts, wait says so
     and reconnects (for up to two minutes)."""
-    _finish_wait(ctx, _wait_for(ctx, job, wait_timeout))
+    finish_wait(ctx, wait_for(ctx, job, wait_timeout))
 
 
 @cli.command(short_help="A job's loss curve: step, loss, learning rate.")
@@ -468,35 +300,6 @@ def metrics(ctx: Ctx, job: str, limit: int) -> None:
         ("loss", "LOSS", lambda m: render.number(m["loss"], 6)),
         ("lr", "LR", lambda m: render.number(m["lr"])),
     ])
-
-
-def _wait_for(ctx: Ctx, ref: str, timeout: float | None) -> dict[str, Any]:
-    """Until the job is succeeded, failed or cancelled. An interrupted job is requeued and
-    resumed, so waiting goes on, through restarts of fluxgymd too."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    sub = ctx.client.subscribe(TOPIC_STATE)
-    try:
-        while True:
-            j = _reconnecting(ctx, ctx.call, "show", job=ref, events=0)
-            if j["state"] in DONE:
-                return j
-            if deadline is not None and time.monotonic() >= deadline:
-                fail(ctx, Exit.TIMEOUT, f"job {j['id']} ({j['name']}) is still {j['state']} "
-                     f"after {timeout:g}s", "timeout")
-            # a state event wakes us early; the poll covers a missed one
-            for _topic, ev in sub.events(timeout=1.0):
-                if ev.get("id") == j["id"]:
-                    break
-    finally:
-        sub.close()
-
-
-def _finish_wait(ctx: Ctx, j: dict[str, Any]) -> None:
-    if ctx.json:
-        render.emit_json(j)
-    else:
-        click.echo(f"job {j['id']} ({j['name']}) {j['state']}: {j['reason']}")
-    sys.exit(int(Exit.OK if j["state"] == "succeeded" else Exit.JOB_NOT_SUCCEEDED))
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ import click
 from fluxgymd.protocol import PRIORITY_RANGE, RUNTIME_SETTINGS
 
 from . import render
-from .cli import Ctx, cli, command, fail
+from .cli import cli
+from .context import Ctx, command, fail
 from .exitcodes import Exit
 
 
