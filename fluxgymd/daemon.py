@@ -31,9 +31,9 @@ from .config import Config
 from .joblog import JobLog
 from .journal import Journal, JobLines
 from .notify import Notifier, summary
-from .progress import parse_child_event, parse_tqdm
 from .operations import Operations
 from .probes import job_gpus, make_gpu_probe, oom_kills, process_reading
+from .progress import parse_child_event, parse_tqdm
 from .protocol import (
     CONTROL_SOCKET, ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, EVENTS_SOCKET,
     PROGRESS_SOCKET, TOPIC_PROGRESS, TOPIC_STATE, FluxgymError, encode, log_topic,
@@ -41,8 +41,8 @@ from .protocol import (
 from .server import ControlServer
 from .states import ACTIVE, FINISHED, JobState
 from .store import Store, StoreError
-from .views import job_view
 from .supervisor import Child, Exit, SpawnError, kill_orphan_group, same_process
+from .views import job_view
 from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
 
 log = logging.getLogger("fluxgymd")
@@ -112,7 +112,8 @@ class Daemon(Operations):
         self.logs: collections.OrderedDict[int, JobLog] = collections.OrderedDict()
         self.stopping = False
         self.started_mono = time.monotonic()
-        # Log lines are numbered per daemon run; clients that follow notice a restart by this.
+        # Identifies this daemon run, so a client that follows can announce a restart (line
+        # numbers themselves carry on across runs: they count train.log's lines).
         self.epoch = f"{os.getpid()}-{time.time():.6f}"
         self.max_concurrent = cfg.max_concurrent_jobs
         self.paused = False
@@ -160,7 +161,7 @@ class Daemon(Operations):
         if saved is not None:
             self.max_concurrent = int(saved)
             log.info("max_concurrent_jobs = %s (set at run time with fluxgymctl config; "
-                     "`fluxgymctl config max_concurrent_jobs --reset` returns to the config's %s)",
+                     "`fluxgymctl config reset max_concurrent_jobs` returns to the config's %s)",
                      saved, cfg.max_concurrent_jobs)
         self.ctx = zmq.asyncio.Context()
         self.control = ControlServer(self.ctx, cfg.control_endpoint, self._handlers())

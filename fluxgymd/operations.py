@@ -203,9 +203,6 @@ class Operations:
 
     # --- queue control -----------------------------------------------------------------
     def _remove(self, job: dict[str, Any], delete_outputs: bool) -> dict[str, Any]:
-        if job["id"] in self.restoring:
-            raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being restored "
-                               "after a restart; try again in a moment")
         removed = self.store.remove(job["id"])  # refuses active jobs (states.REMOVABLE)
         old_log = self.logs.pop(job["id"], None)
         if old_log is not None:
@@ -228,10 +225,7 @@ class Operations:
     def op_remove(self, args) -> dict[str, Any]:
         jobs = [self._find(ref) for ref in dict.fromkeys(args["jobs"])]
         for job in jobs:  # all or nothing: check every one before removing any
-            if job["id"] in self.restoring:
-                raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} is being "
-                                   "restored after a restart; try again in a moment")
-            check_removal(job["state"])
+            check_removal(job["state"])  # jobs being restored are still active: refused
         removed = [self._remove(j, args["delete_outputs"]) for j in jobs]
         self.notifier.status(self._summary())
         return {"removed": removed}
