@@ -292,21 +292,24 @@ def test_default_targets_cover_every_linear_of_the_blocks_as_kohya_does(tiny):
 def test_text_encoders_one_at_a_time_give_what_encode_prompt_gives(tiny, tmp_path):
     import torch
 
-    from trainer import flux
+    from diffusers import FluxPipeline
 
-    cache = flux.Cache(str(tmp_path), str(tiny / "model"), 32)
+    from trainer import flux, sources
+
+    src = sources.resolve(str(tiny / "model"))
+    cache = flux.Cache(str(tmp_path), src, 32)
     captions = ["fgx, a red disc", "fgx, a blue square"]
-    texts, loaded = flux.cache_text(str(tiny / "model"), torch.float32, cache, captions, "cpu",
-                                    32, lambda: None)
+    texts, loaded = flux.cache_text(src, torch.float32, cache, captions, "cpu", 32, lambda: None)
     assert loaded == ["CLIP-L", "T5"]
-    pipe = flux.load_pipeline(str(tiny / "model"), torch.float32)
+    pipe = FluxPipeline.from_pretrained(str(tiny / "model"), torch_dtype=torch.float32,
+                                        local_files_only=True)
     for c in captions:
         with torch.no_grad():  # as the trainer's cache always ran
             embeds, pooled, _ = pipe.encode_prompt(prompt=[c], prompt_2=None, device="cpu",
                                                    max_sequence_length=32)
         assert torch.equal(texts[c]["prompt_embeds"], embeds[0].float())
         assert torch.equal(texts[c]["pooled"], pooled[0].float())
-    again, loaded = flux.cache_text(str(tiny / "model"), torch.float32, cache, captions, "cpu",
-                                    32, lambda: None)
+    again, loaded = flux.cache_text(src, torch.float32, cache, captions, "cpu", 32,
+                                    lambda: None)
     assert loaded == [] and all(torch.equal(again[c]["pooled"], texts[c]["pooled"])
                                 for c in captions)

@@ -11,9 +11,13 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import sources, tiers
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 TIMESTEP_SAMPLING = ("shift", "sigmoid", "uniform")
 MIXED_PRECISION = ("auto", "no", "bf16")
+SAVE_FORMATS = ("diffusers", "kohya")
+PATH_KEYS = ("pretrained_model", "clip_l", "t5xxl", "ae", "tokenizers")
 # Every Linear of the double and single blocks, as kohya's networks.lora_flux (which FluxGym
 # runs) trains them, in diffusers' names: double blocks' image and text attention (q, k, v and
 # out), MLPs and modulation; single blocks' q, k, v, MLP in, out and modulation. Targets only
@@ -44,7 +48,11 @@ class TrainConfigError(Exception):
 @dataclass
 class TrainConfig:
     # what to train on
-    pretrained_model: str = ""  # a local diffusers-format Flux folder (required)
+    pretrained_model: str = ""  # a diffusers folder, a hub id in the local cache, or a file
+    clip_l: str = ""  # with a single transformer file: CLIP-L, T5-XXL and the AE files
+    t5xxl: str = ""
+    ae: str = ""
+    tokenizers: str = ""  # a folder with tokenizer/ and tokenizer_2/ (single files need it)
     dataset_dir: str = ""  # images with optional same-name .txt captions (required)
     trigger_word: str = ""  # put first in every caption
     num_repeats: int = 10  # each image this many times per epoch
@@ -73,7 +81,15 @@ class TrainConfig:
     # machinery
     seed: int = 42
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # memory: a tier (trainer/tiers.py) sets the levers below; a lever set here wins
+    vram: str = "auto"
+    fp8_base: bool = False
+    quantize_base: str = "none"
     gradient_checkpointing: bool = False
+    optimizer_type: str = "AdamW"
+    optimizer_args: list[str] = field(default_factory=list)  # kohya's "key=value" strings
+    save_lora_format: str = "diffusers"  # or "kohya": lora_unet_… names with .alpha
+    levers_set: list[str] = field(default_factory=list)  # (not a key: which levers were set)
     # checkpoints
     save_every_n_steps: int = 0  # 0: off
     save_every_n_epochs: int = 1  # 0: off; 0 too when only save_every_n_steps is set
@@ -87,7 +103,11 @@ class TrainConfig:
     log_every_n_steps: int = 10
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every key, except the levers the job left to its tier: parsing this back must
+        give the same config, tier included."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "levers_set"
+                and (f.name not in tiers.LEVERS or f.name in self.levers_set)}
 
 
 _LIMITS: dict[str, tuple[float | None, float | None]] = {
@@ -102,7 +122,9 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
     "sample_steps": (1, 1000), "sample_guidance_scale": (0, None), "log_every_n_steps": (1, None),
 }
 _CHOICES = {"lr_scheduler": LR_SCHEDULERS, "timestep_sampling": TIMESTEP_SAMPLING,
-            "mixed_precision": MIXED_PRECISION}
+            "mixed_precision": MIXED_PRECISION, "vram": tiers.VRAM_CHOICES,
+            "quantize_base": tiers.QUANTIZE, "optimizer_type": tiers.OPTIMIZERS,
+            "save_lora_format": SAVE_FORMATS}
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list of strings"}
 
@@ -122,10 +144,22 @@ ALIASES = {"rank": "network_dim", "lora_rank": "network_dim", "dim": "network_di
            "dataset": "dataset_dir", "pretrained_model_name_or_path": "pretrained_model"}
 
 
+def model_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with the job's model files, read from their headers only."""
+    if not cfg.pretrained_model:
+        return []
+    try:
+        src = sources.resolve(cfg.pretrained_model, cfg.clip_l, cfg.t5xxl, cfg.ae,
+                              cfg.tokenizers)
+    except sources.SourceError as e:
+        return [f"train.pretrained_model: {e}"]
+    return src.problems
+
+
 def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
     """Validate a [train] table; raise TrainConfigError listing every problem."""
     problems: list[str] = []
-    known = [f.name for f in fields(TrainConfig)]
+    known = [f.name for f in fields(TrainConfig) if f.name != "levers_set"]
     values: dict[str, Any] = {}
     for key, value in section.items():
         if key not in known:
@@ -159,22 +193,23 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
     if values.get("save_every_n_steps") and "save_every_n_epochs" not in section:
         # one interval asked for means only that one: the epoch default would interleave
         values["save_every_n_epochs"] = 0
+    values["levers_set"] = sorted(k for k in tiers.LEVERS if k in values)
     cfg = TrainConfig(**values)
-    for key in ("pretrained_model", "dataset_dir"):
+    for key in PATH_KEYS + ("dataset_dir",):
         path = getattr(cfg, key)
         if not path:
-            problems.append(f"train.{key} is required")
+            if key in ("pretrained_model", "dataset_dir"):
+                problems.append(f"train.{key} is required")
             continue
-        if base_dir and not os.path.isabs(path):
+        path = os.path.expanduser(path)
+        hub_id = key == "pretrained_model" and sources.HUB_ID.match(path) \
+            and not os.path.exists(os.path.join(base_dir, path))
+        if base_dir and not os.path.isabs(path) and not hub_id:
             path = os.path.normpath(os.path.join(base_dir, path))
-            setattr(cfg, key, path)
-        if not os.path.exists(path):
+        setattr(cfg, key, path)
+        if not hub_id and not os.path.exists(path):
             problems.append(f"train.{key}: {path} does not exist")
-    if cfg.pretrained_model and os.path.isfile(cfg.pretrained_model):
-        problems.append(f"train.pretrained_model: {cfg.pretrained_model} is a single file; "
-                        "give a diffusers-format Flux folder (with model_index.json) — "
-                        "single-file checkpoints are not supported yet")
-    elif cfg.pretrained_model and os.path.isdir(cfg.pretrained_model) and not os.path.exists(
+    if os.path.isdir(cfg.pretrained_model) and not os.path.exists(
             os.path.join(cfg.pretrained_model, "model_index.json")):
         problems.append(f"train.pretrained_model: {cfg.pretrained_model} has no "
                         "model_index.json; is it a diffusers-format Flux folder?")

@@ -5,7 +5,6 @@ embedding, packed latents, image and text position ids).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import torch
@@ -13,53 +12,8 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file, save_file
 
 from .data import Item, load_image
-
-
-def model_identity(path: str, component: str) -> str:
-    """A cheap fingerprint of a component: its config and its weight files' names, sizes and
-    times. Hashing the weights themselves would take minutes for T5-XXL."""
-    h = hashlib.sha256(component.encode())
-    folder = os.path.join(path, component)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        p = os.path.join(folder, name)
-        st = os.stat(p)
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        if name.endswith(".json"):
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def load_pipeline(path: str, dtype: torch.dtype) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-
-
-def vae_scale_factor(path: str) -> int:
-    """What the pipeline would compute from the VAE, read from its config: no weights."""
-    with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
-        return 2 ** (len(json.load(fh)["block_out_channels"]) - 1)
-
-
-def load_vae(path: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype,
-                                         local_files_only=True)
-
-
-def load_text_encoder(path: str, dtype: torch.dtype, which: str) -> FluxPipeline:
-    """A pipeline holding one text encoder and its tokenizer: "clip" or "t5"."""
-    drop = {"text_encoder_2": None, "tokenizer_2": None} if which == "clip" else \
-        {"text_encoder": None, "tokenizer": None}
-    return FluxPipeline.from_pretrained(path, transformer=None, vae=None, torch_dtype=dtype,
-                                        local_files_only=True, **drop)
-
-
-def load_transformer(path: str, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer",
-                                                  torch_dtype=dtype, local_files_only=True)
+from .models import load_text_encoder
+from .sources import identity
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -72,12 +26,11 @@ class Cache:
     """Latents and text-encoder outputs on disk under the job's output dir, keyed by what
     they were made from, so a resumed or repeated run reuses them."""
 
-    def __init__(self, root: str, pipe_path: str, max_len: int):
+    def __init__(self, root: str, src, max_len: int):
         self.root = root
-        self.vae_id = model_identity(pipe_path, "vae")
+        self.vae_id = identity(src.vae)
         self.text_id = hashlib.sha256(
-            (model_identity(pipe_path, "text_encoder") + model_identity(pipe_path, "text_encoder_2")
-             + str(max_len)).encode()).hexdigest()[:16]
+            (identity(src.clip) + identity(src.t5) + str(max_len)).encode()).hexdigest()[:16]
         os.makedirs(os.path.join(root, "latents"), exist_ok=True)
         os.makedirs(os.path.join(root, "text"), exist_ok=True)
 
@@ -107,8 +60,20 @@ def cache_latents(vae, cache: Cache, items: list[Item],
     return out
 
 
+def _encoder_pipeline(src, dtype: torch.dtype, which: str) -> FluxPipeline:
+    """A pipeline holding one text encoder and its tokenizer, for encode_prompt's helpers."""
+    model, tokenizer = load_text_encoder(src, dtype, which)
+    parts = dict(scheduler=None, vae=None, transformer=None, text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None)
+    if which == "clip":
+        parts.update(text_encoder=model, tokenizer=tokenizer)
+    else:
+        parts.update(text_encoder_2=model, tokenizer_2=tokenizer)
+    return FluxPipeline(**parts)
+
+
 @torch.no_grad()
-def cache_text(path: str, dtype: torch.dtype, cache: Cache, captions: list[str], device,
+def cache_text(src, dtype: torch.dtype, cache: Cache, captions: list[str], device,
                max_len: int, free) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """Every caption's embeddings, and which encoders had to be loaded. CLIP-L (pooled) and
     then T5 (per token) are each loaded only when a caption is missing, one at a time, and
@@ -116,13 +81,13 @@ def cache_text(path: str, dtype: torch.dtype, cache: Cache, captions: list[str],
     missing = [c for c in dict.fromkeys(captions) if not os.path.exists(cache.text_path(c))]
     loaded = []
     if missing:
-        clip = load_text_encoder(path, dtype, "clip")
+        clip = _encoder_pipeline(src, dtype, "clip")
         clip.text_encoder.to(device)
         pooled = {c: clip._get_clip_prompt_embeds(prompt=[c], device=device)[0].float().cpu()
                   for c in missing}
         del clip
         free()
-        t5 = load_text_encoder(path, dtype, "t5")
+        t5 = _encoder_pipeline(src, dtype, "t5")
         t5.text_encoder_2.to(device)
         for c in missing:
             embeds = t5._get_t5_prompt_embeds(prompt=[c], max_sequence_length=max_len,
@@ -160,7 +125,9 @@ def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor,
     packed = FluxPipeline._pack_latents(noisy.to(dtype), b, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
-    guidance = torch.full((b,), cfg.guidance_scale, device=device, dtype=torch.float32)
+    # schnell has no guidance embedding
+    guidance = torch.full((b,), cfg.guidance_scale, device=device, dtype=torch.float32) \
+        if getattr(transformer, "module", transformer).config.guidance_embeds else None
     pred = transformer(
         hidden_states=packed, timestep=t.to(dtype), guidance=guidance,
         pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
@@ -170,4 +137,3 @@ def flow_matching_loss(transformer, latents: torch.Tensor, embeds: torch.Tensor,
     pred = FluxPipeline._unpack_latents(pred, h, w, 1)
     target = noise - latents
     return torch.nn.functional.mse_loss(pred.float(), target.float())
-

@@ -11,7 +11,8 @@ import os
 import shutil
 import struct
 
-from .config import TrainConfig
+from .config import TrainConfig, model_problems
+from .sources import SourceError, resolve
 from .data import IMAGE_EXTS, dataset_files, max_caption_chars
 
 MiB = 1 << 20
@@ -119,7 +120,7 @@ def check_model(cfg: TrainConfig) -> list[str]:
     folder = cfg.pretrained_model
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
-        return []  # config.parse already said so
+        return model_problems(cfg)  # a single file or a hub id
     index = _json(index_path)
     if index is None:
         return [f"train.pretrained_model: {index_path} is not readable JSON"]
@@ -132,7 +133,7 @@ def check_model(cfg: TrainConfig) -> list[str]:
     if tconf is None or tconf.get("_class_name") != "FluxTransformer2DModel":
         return [f"train.pretrained_model: {folder}/transformer/config.json is missing or is "
                 "not a FluxTransformer2DModel's"]
-    return []
+    return model_problems(cfg)
 
 
 # (in, out) of each targetable Linear, in units of the model width D (MLP ratio 4).
@@ -148,7 +149,10 @@ _SINGLE = {"to_q": (1, 1), "to_k": (1, 1), "to_v": (1, 1), "proj_mlp": (1, 4),
 def lora_parameters(cfg: TrainConfig) -> int:
     """The LoRA's size from the transformer's config: r × (in + out) for each targeted
     Linear of the double and single blocks."""
-    tconf = _json(os.path.join(cfg.pretrained_model, "transformer", "config.json")) or {}
+    try:
+        tconf = resolve(cfg.pretrained_model).transformer.config
+    except (SourceError, OSError, ValueError, KeyError):
+        tconf = {}  # planned as FLUX.1's size: an overestimate is the safe side
     width = int(tconf.get("num_attention_heads", 24)) * int(tconf.get("attention_head_dim", 128))
     double, single = int(tconf.get("num_layers", 19)), int(tconf.get("num_single_layers", 38))
     targets = set(cfg.network_target_modules)

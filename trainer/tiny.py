@@ -1,6 +1,9 @@
 """Tiny random Flux pipelines and datasets, for the demo, the tests and the benchmarks.
 
     python -m trainer.tiny DIR [--preset tiny|bench]   a diffusers-format Flux folder
+    python -m trainer.tiny DIR --single-file            the same weights as FluxGym holds
+                                                        them: flux1-tiny.safetensors (BFL
+                                                        keys), clip_l, t5xxl, ae, tokenizers
     python -m trainer.tiny --dataset DIR [--images N]   PNGs with .txt captions
 
 Everything is built from configs (no hub, no download) with a fixed seed, so two calls
@@ -64,6 +67,36 @@ def write_model(path: str, preset: str = "tiny") -> None:
     build(preset).save_pretrained(path)
 
 
+def write_single_files(path: str, preset: str = "tiny") -> str:
+    """The model as single files, and the [train] lines that use them."""
+    from safetensors.torch import save_file
+
+    from . import quiet
+    from .layouts import to_bfl, vae_to_ldm
+    quiet()
+    pipe = build(preset)
+    os.makedirs(path, exist_ok=True)
+
+    def save(state, name):
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, name))
+
+    name = f"flux1-{preset}.safetensors"
+    save(to_bfl(pipe.transformer.state_dict(), dict(pipe.transformer.config)), name)
+    # clip_l.safetensors as FluxGym and ComfyUI hold it: transformers 4's text_model. names
+    save({"text_model." + k.removeprefix("text_model."): v
+          for k, v in pipe.text_encoder.state_dict().items()}, "clip_l.safetensors")
+    # T5's embedding is one tensor under two names; files hold it once
+    save({k: v for k, v in pipe.text_encoder_2.state_dict().items()
+          if k != "encoder.embed_tokens.weight"}, "t5xxl.safetensors")
+    save(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)), "ae.safetensors")
+    pipe.tokenizer.save_pretrained(os.path.join(path, "tokenizers", "tokenizer"))
+    pipe.tokenizer_2.save_pretrained(os.path.join(path, "tokenizers", "tokenizer_2"))
+    a = os.path.abspath(path)
+    return "\n".join([f'pretrained_model = "{a}/{name}"', f'clip_l = "{a}/clip_l.safetensors"',
+                      f't5xxl = "{a}/t5xxl.safetensors"', f'ae = "{a}/ae.safetensors"',
+                      f'tokenizers = "{a}/tokenizers"'])
+
+
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 200, 40), (150, 60, 200),
            (30, 190, 190), (240, 130, 30), (90, 90, 90)]
 
@@ -93,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--dataset", action="store_true", help="write a dataset, not a model")
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--single-file", action="store_true",
+                    help="write single files as FluxGym holds them, and print the [train] lines")
     args = ap.parse_args(argv)
     if args.dataset:
         write_dataset(args.path, args.images)
+    elif args.single_file:
+        print("[train]\n" + write_single_files(args.path, args.preset))
     else:
         write_model(args.path, args.preset)
     print(f"wrote {args.path}", file=sys.stderr)

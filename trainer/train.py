@@ -13,18 +13,19 @@ import time
 from dataclasses import dataclass
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, lora_targets
+from .config import PATH_KEYS, TrainConfig, lora_targets
 from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
 from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
                    scan)
 
 # Settings a checkpoint must agree with to be resumed from: anything that changes what the
 # saved state means. max_train_steps may change (train longer); these may not.
-RESUME_KEYS = ("pretrained_model", "network_dim", "network_alpha", "network_target_modules",
+RESUME_KEYS = ("pretrained_model", "clip_l", "t5xxl", "network_dim", "network_alpha",
+               "network_target_modules",
                "resolution", "train_batch_size", "gradient_accumulation_steps", "num_repeats",
                "seed", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
                "guidance_scale", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-               "weight_decay", "max_grad_norm", "mixed_precision")
+               "weight_decay", "max_grad_norm", "mixed_precision", "optimizer_args")
 
 
 class TrainError(Exception):
@@ -95,7 +96,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from . import flux, quiet
+    from . import flux, memory, models, optim, quiet, sources
     from .lora import save_lora
 
     quiet()
@@ -109,36 +110,45 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = accelerator.device
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
-    divisor = flux.vae_scale_factor(cfg.pretrained_model) * 2
+    try:
+        src = sources.resolve(cfg.pretrained_model, cfg.clip_l, cfg.t5xxl, cfg.ae, cfg.tokenizers)
+    except sources.SourceError as e:
+        raise TrainError(str(e)) from None
+    if src.problems:
+        raise TrainError("; ".join(src.problems))
+    rep.say(f"model: {src.describe()}")
+    lever = memory.choose_levers(cfg, src, ckpt_root, device, rep)
+    divisor = models.vae_scale_factor(src) * 2
     choices = buckets(cfg.resolution, divisor)
     bucket_of = [assign_bucket(it.width, it.height, choices) for it in items]
 
     # --- caching: load each frozen encoder only when an entry it makes is missing, use
     # it, and free it before the next part loads; a resume with a complete cache loads none
     rep.phase("caching", f"{len(items)} images in {len(set(bucket_of))} bucket(s)")
-    cache = flux.Cache(os.path.join(out, "cache"), cfg.pretrained_model,
-                       cfg.t5xxl_max_token_length)
+    cache = flux.Cache(os.path.join(out, "cache"), src, cfg.t5xxl_max_token_length)
     captions = [it.caption for it in items] + cfg.sample_prompts
     need_vae = any(not os.path.exists(cache.latent_path(it, b))
                    for it, b in zip(items, bucket_of))
     loaded = []
-    encoder = flux.load_vae(cfg.pretrained_model, dtype).to(device) if need_vae else None
+    encoder = models.load_vae(src, dtype).to(device) if need_vae else None
     latents = flux.cache_latents(encoder, cache, items, bucket_of, device)
     if encoder is not None:
         loaded.append("VAE")
         del encoder
         _free(torch)
-    texts, encoders = flux.cache_text(cfg.pretrained_model, dtype, cache, captions, device,
+    texts, encoders = flux.cache_text(src, dtype, cache, captions, device,
                                       cfg.t5xxl_max_token_length, lambda: _free(torch))
     loaded += encoders
     rep.say("cache: encoded with " + ", then ".join(loaded) + " (each freed before the next)"
             if loaded else "cache: complete; text encoders and VAE not loaded")
-    transformer = flux.load_transformer(cfg.pretrained_model, dtype)
+    quantized = lever["quantize_base"] != "none"
+    transformer = models.load_transformer(src, dtype, fp8=lever["fp8_base"],
+                                          quantize=lever["quantize_base"] if quantized else "",
+                                          device=device)
     vae = None  # for samples: loaded at the first one, kept on the CPU between them
 
     # --- the LoRA ------------------------------------------------------------------------
     transformer.requires_grad_(False)
-    torch.manual_seed(cfg.seed)  # the LoRA's initial weights
     transformer.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
                                        init_lora_weights="gaussian",
                                        target_modules=lora_targets(cfg.network_target_modules)))
@@ -147,11 +157,21 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         raise TrainError(f"train.network_target_modules {cfg.network_target_modules} match no "
                          "layer of this transformer")
     for p in params:
-        p.data = p.data.float()  # LoRA weights train in fp32 even when the base is bf16
-    if cfg.gradient_checkpointing:
+        p.data = p.data.float()  # LoRA weights train in fp32 even when the base is bf16 or less
+    # The initial weights, drawn again in fp32: peft created them in the base layer's dtype
+    # (fp8 under fp8_base), and the same seed must give the same LoRA in every tier.
+    torch.manual_seed(cfg.seed)
+    for module in transformer.modules():
+        if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+            module.reset_lora_parameters("default", "gaussian")
+    if lever["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
-    transformer.to(device)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if not quantized:
+        transformer.to(device)
+    else:
+        for p in params:
+            p.data = p.data.to(device)
+    optimizer = optim.make(lever["optimizer_type"], params, cfg)
     n_batches = len(epoch_batches(bucket_of, cfg.num_repeats, cfg.train_batch_size, cfg.seed, 0))
     p = plan(cfg, n_batches)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -162,6 +182,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     # --- resume -----------------------------------------------------------------------
     resume_meta = {k: getattr(cfg, k) for k in RESUME_KEYS}
     resume_meta["dataset_sha256"] = dataset_hash(items)
+    resume_meta.update(lever)  # a checkpoint's optimizer state belongs to its levers
     start = 0
     for found in ckpt.complete(ckpt_root):
         why = ckpt.verify(found)
@@ -211,7 +232,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         nonlocal vae
         rep.phase("sampling", f"{len(cfg.sample_prompts)} prompt(s) at step {step}")
         if vae is None:
-            vae = flux.load_vae(cfg.pretrained_model, dtype)
+            vae = models.load_vae(src, dtype)
         vae.to(device)
         sampler = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -301,13 +322,15 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         save_checkpoint(step)  # the finished state: a rerun sees there is nothing left to do
     rep.phase("saving", "the final LoRA")
     public = cfg.to_dict()  # what travels with a published LoRA: names, not this machine's paths
-    for key in ("pretrained_model", "dataset_dir"):
-        public[key] = os.path.basename(os.path.normpath(public[key]))
-    path = save_lora(model, out, name, {
+    for key in PATH_KEYS + ("dataset_dir",):
+        public[key] = os.path.basename(os.path.normpath(public[key])) if public[key] else ""
+    public.update(lever)  # the levers it trained with, whichever tier set them
+    path = save_lora(model, out, name, cfg.save_lora_format, src.transformer.config, {
         "base_model": public["pretrained_model"], "network_dim": cfg.network_dim,
         "network_alpha": cfg.network_alpha, "steps": step, "trigger_word": cfg.trigger_word,
         "dataset_sha256": resume_meta["dataset_sha256"], "seed": cfg.seed,
         "resolution": cfg.resolution, "learning_rate": cfg.learning_rate,
+        "optimizer_type": lever["optimizer_type"], "model_variant": src.variant,
         "config": json.dumps(public, sort_keys=True),
     })
     rep.say(f"finished: {path}")

@@ -1,0 +1,72 @@
+"""Which memory levers a run uses: its tier's (trainer/tiers.py), with the keys the job set
+itself winning; for `vram = "auto"` the largest tier whose plan fits the GPU's free memory as
+NVML reads it. A run that resumes keeps the levers its checkpoints were made with, since an
+optimizer's state belongs to its optimizer. A plan that cannot fit fails the job (exit 2)."""
+from __future__ import annotations
+
+from . import checkpoint as ckpt
+from . import tiers
+
+
+def free_gpu_bytes(device) -> int | None:
+    """Free memory of the GPU this run uses, from NVML (by the device's UUID, so
+    CUDA_VISIBLE_DEVICES is respected); from CUDA when NVML is missing. None on a CPU."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    index = device.index or 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else
+                                                  f"GPU-{uuid}")
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:  # no NVML here: CUDA's own count is the same figure
+        return int(torch.cuda.mem_get_info(index)[0])
+
+
+def _saved_levers(ckpt_root: str) -> dict | None:
+    for found in ckpt.complete(ckpt_root):
+        saved = found.manifest.get("resume", {})
+        if all(k in saved for k in tiers.LEVERS):
+            return {k: saved[k] for k in tiers.LEVERS}
+    return None
+
+
+def choose_levers(cfg, src, ckpt_root: str, device, rep) -> dict:
+    from .plan import plan_all
+
+    free = free_gpu_bytes(device)
+    saved = _saved_levers(ckpt_root) if cfg.vram == "auto" else None
+    if saved is not None:
+        rep.say("memory: resuming with the levers the checkpoints were made with: "
+                + _fmt(saved))
+        return saved
+    plans = plan_all(src.transformer.config, cfg) if free is not None \
+        else {}
+    if cfg.vram == "auto":
+        tier, why = tiers.choose({t: p["peak_bytes"] for t, p in plans.items()}, free)
+    else:
+        tier, why = cfg.vram, "set by the job"
+    lever = tiers.levers(cfg, tier)
+    rep.say(f"memory: tier {tier} ({why}): {_fmt(lever)}")
+    if free is not None:
+        need = plans[tier]["peak_bytes"] if tier in plans else 0
+        if need > free:
+            fits = [t for t in ("none", "24G", "16G", "12G", "8G")
+                    if plans[t]["peak_bytes"] <= free]
+            from .train import TrainError
+
+            raise TrainError(
+                f"this job's plan for tier {tier} needs {need / tiers.GiB:.1f} GiB and the GPU "
+                f"has {free / tiers.GiB:.1f} GiB free; "
+                + (f"set train.vram = \"{fits[0]}\" (or \"auto\")" if fits else
+                   "no tier fits: lower resolution, train_batch_size or network_dim"))
+    return lever
+
+
+def _fmt(lever: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in lever.items())
