@@ -210,6 +210,7 @@ def show(ctx: Ctx, job: str) -> None:
                      f"{j['watchdog']['no_progress']}, step limit "
                      f"{render.duration(j['watchdog']['step_limit_s'])}"),
         ("GPU rule", j["watchdog"]["gpu"]),
+        ("memory", render.memory_plan(j.get("memory_plan"))),
         ("output dir", j["output_dir"]),
         ("LoRA", j.get("lora") or "-"),
         ("log", j["log_file"]),

@@ -121,6 +121,24 @@ def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
+def memory_plan(plan: dict[str, Any] | None) -> str:
+    """`tier 12G, planned peak 8.1 GiB (of 10.0 GiB free): base weights 5.8, ...`"""
+    if not plan:
+        return "-"
+    gib = 1 << 30
+    text = f"tier {plan['tier']}"
+    if plan.get("peak_bytes") is not None:
+        text += f", planned peak {plan['peak_bytes'] / gib:.1f} GiB"
+        if plan.get("free_bytes") is not None:
+            text += f" (of {plan['free_bytes'] / gib:.1f} GiB free)"
+    parts = plan.get("parts") or {}
+    if parts:
+        text += ": " + ", ".join(f"{k.replace('_', ' ')} {v / gib:.2f}" for k, v in parts.items())
+    if plan.get("why"):
+        text += f"; {plan['why']}"
+    return text
+
+
 def percent(fraction: float | None) -> str:
     return f"{fraction * 100:.0f}%" if fraction is not None else "-"
 

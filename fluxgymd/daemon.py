@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -598,6 +599,8 @@ class Daemon(Operations):
                                     ev.get("loss"), ev.get("lr")))
         elif kind == "phase":
             self.store.update(run.job_id, phase=ev["phase"])
+        elif kind == "plan":
+            self.store.update(run.job_id, memory_plan=json.dumps(ev["plan"]))
         elif kind == "checkpoint":
             self.store.update(run.job_id, checkpoint=ev["path"],
                               checkpoint_step=ev.get("step"))

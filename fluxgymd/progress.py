@@ -45,6 +45,28 @@ def _num(v: Any, integer: bool = False) -> float | int | None:
     return int(v) if integer else float(v)
 
 
+def _plan(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A trainer's memory plan: its tier, why, the peak and its parts in bytes, the free
+    memory it was planned against, and the levers. Bounded, so a child can't bloat a row."""
+    tier, why = obj.get("tier"), obj.get("why", "")
+    if not isinstance(tier, str) or len(tier) > 16 or not isinstance(why, str):
+        return None
+    parts = obj.get("parts") or {}
+    levers = obj.get("levers") or {}
+    if not isinstance(parts, dict) or not isinstance(levers, dict) or len(parts) > 16 \
+            or len(levers) > 16:
+        return None
+    out: dict[str, Any] = {"tier": tier, "why": why[:300]}
+    for key in ("peak_bytes", "free_bytes"):
+        v = _num(obj.get(key), integer=True)
+        out[key] = v if v is not None and v >= 0 else None
+    nums = {str(k)[:32]: _num(v, integer=True) for k, v in parts.items()}
+    out["parts"] = {k: v for k, v in nums.items() if v is not None}
+    out["levers"] = {str(k)[:32]: v for k, v in levers.items()
+                     if isinstance(v, (bool, int)) or (isinstance(v, str) and len(v) <= 32)}
+    return out
+
+
 def parse_child_event(payload: bytes) -> dict[str, Any] | None:
     """A contract event, normalized; None for anything malformed (a child can't crash us)."""
     try:
@@ -74,6 +96,11 @@ def parse_child_event(payload: bytes) -> dict[str, Any] | None:
             v = _num(obj.get(key), integer)
             if v is not None:
                 ev[key] = v
+    elif obj["event"] == "plan":
+        plan = _plan(obj)
+        if plan is None:
+            return None
+        ev["plan"] = plan
     elif obj["event"] in ("checkpoint", "sample"):
         if not isinstance(obj.get("path"), str):
             return None

@@ -299,4 +299,4 @@ ENV_PROGRESS_ENDPOINT = "FLUXGYM_PROGRESS_ENDPOINT"
 ENV_ATTEMPT = "FLUXGYM_ATTEMPT"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the child checkpointed and can be resumed
 PHASES = ("loading", "caching", "training", "sampling", "saving")
-CHILD_EVENTS = ("phase", "step", "checkpoint", "sample", "done")
+CHILD_EVENTS = ("phase", "step", "checkpoint", "sample", "done", "plan")

@@ -81,6 +81,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_queue ON jobs(state, priority DESC, queued_at, id);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 4: a lora job's memory plan, as its trainer reported it (JSON)
+    """
+    ALTER TABLE jobs ADD COLUMN memory_plan TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -89,7 +93,7 @@ UPDATABLE = frozenset(
     {
         "pid", "pid_started", "phase", "step", "total_steps", "loss", "lr",
         "seconds_per_step", "checkpoint", "checkpoint_step", "exit_code",
-        "cancel_requested", "attempts", "restarts", "no_progress", "started_at",
+        "cancel_requested", "attempts", "restarts", "no_progress", "started_at", "memory_plan",
     }
 )
 RECOVER_HINT = (
@@ -373,5 +377,6 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job = dict(row)
     job["spec"] = json.loads(job["spec"])
     job["cancel_requested"] = bool(job["cancel_requested"])
+    job["memory_plan"] = json.loads(job["memory_plan"]) if job.get("memory_plan") else None
     return job
 

@@ -34,6 +34,12 @@ def test_lora_job_trains_to_a_finished_lora_with_progress_in_the_store(daemon, t
         assert img.size == (64, 64)
     log = daemon.call("logs", job="tiny-lora", lines=1000)["lines"]
     assert any("finished:" in line for line in log)
+    plan = j["memory_plan"]  # the trainer's plan, reported through the contract
+    assert plan["tier"] == "none" and plan["free_bytes"] is None  # a CPU
+    assert plan["peak_bytes"] == sum(plan["parts"].values()) > 0
+    assert plan["levers"]["optimizer_type"] == "AdamW"
+    shown = daemon.ctl("show", "tiny-lora").stdout
+    assert "memory" in shown and "tier none, planned peak" in shown, shown
 
 
 def test_an_invalid_train_section_is_refused_at_submit(daemon, tiny, short_tmp):

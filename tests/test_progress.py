@@ -40,3 +40,22 @@ def test_malformed_contract_events_are_dropped():
         assert parse_child_event(bad) is None, bad
     # non-finite numbers are dropped from the event, not stored
     assert "loss" not in parse_child_event(b'{"event":"step","job":1,"step":1,"loss":NaN}')
+
+
+def test_a_plan_event_is_bounded_and_normalized():
+    import json
+
+    from fluxgymd.progress import parse_child_event
+
+    def ev(**fields):
+        return parse_child_event(json.dumps(dict(fields, event="plan", job="3")).encode())
+
+    good = ev(tier="12G", why="fits", peak_bytes=8 << 30, free_bytes=None,
+              parts={"base_weights": 6 << 30, "odd": "x"}, levers={"fp8_base": False,
+                                                                   "bad": [1]})
+    assert good["plan"] == {"tier": "12G", "why": "fits", "peak_bytes": 8 << 30,
+                            "free_bytes": None, "parts": {"base_weights": 6 << 30},
+                            "levers": {"fp8_base": False}}
+    assert ev(tier=12) is None and ev(tier="x" * 17) is None
+    assert ev(tier="8G", parts={str(i): i for i in range(17)}) is None
+    assert ev(tier="8G", peak_bytes=-1)["plan"]["peak_bytes"] is None

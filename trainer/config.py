@@ -86,6 +86,7 @@ class TrainConfig:
     fp8_base: bool = False
     quantize_base: str = "none"
     gradient_checkpointing: bool = False
+    cpu_offload_checkpointing: bool = False
     optimizer_type: str = "AdamW"
     optimizer_args: list[str] = field(default_factory=list)  # kohya's "key=value" strings
     save_lora_format: str = "diffusers"  # or "kohya": lora_unet_… names with .alpha

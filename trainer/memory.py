@@ -36,35 +36,41 @@ def _saved_levers(ckpt_root: str) -> dict | None:
     return None
 
 
+def _tier_of(lever: dict) -> str:
+    return next((t for t, v in tiers.TIERS.items() if v == lever), "custom")
+
+
 def choose_levers(cfg, src, ckpt_root: str, device, rep) -> dict:
-    from .plan import plan_all
+    """The levers this run uses; says which and why, and reports the plan to the daemon."""
+    from .plan import plan_all, plan_tier
 
     free = free_gpu_bytes(device)
     saved = _saved_levers(ckpt_root) if cfg.vram == "auto" else None
+    plans = plan_all(src.transformer.config, cfg) if free is not None else {}
     if saved is not None:
-        rep.say("memory: resuming with the levers the checkpoints were made with: "
-                + _fmt(saved))
-        return saved
-    plans = plan_all(src.transformer.config, cfg) if free is not None \
-        else {}
-    if cfg.vram == "auto":
+        lever, tier = saved, _tier_of(saved)
+        why = "the levers the checkpoints were made with"
+    elif cfg.vram == "auto":
         tier, why = tiers.choose({t: p["peak_bytes"] for t, p in plans.items()}, free)
+        lever = tiers.levers(cfg, tier)
     else:
         tier, why = cfg.vram, "set by the job"
-    lever = tiers.levers(cfg, tier)
+        lever = tiers.levers(cfg, tier)
+    if cfg.levers_set and saved is None:
+        why += f"; {', '.join(cfg.levers_set)} set by the job"
     rep.say(f"memory: tier {tier} ({why}): {_fmt(lever)}")
-    if free is not None:
-        need = plans[tier]["peak_bytes"] if tier in plans else 0
-        if need > free:
-            fits = [t for t in ("none", "24G", "16G", "12G", "8G")
-                    if plans[t]["peak_bytes"] <= free]
-            from .train import TrainError
+    planned = plan_tier(src.transformer.config, cfg, lever)
+    rep.send("plan", tier=tier, why=why, peak_bytes=planned["peak_bytes"],
+             parts=planned["parts"], free_bytes=free, levers=lever)
+    if free is not None and planned["peak_bytes"] > free:
+        fits = [t for t in tiers.TIER_NAMES if plans[t]["peak_bytes"] <= free]
+        from .train import TrainError
 
-            raise TrainError(
-                f"this job's plan for tier {tier} needs {need / tiers.GiB:.1f} GiB and the GPU "
-                f"has {free / tiers.GiB:.1f} GiB free; "
-                + (f"set train.vram = \"{fits[0]}\" (or \"auto\")" if fits else
-                   "no tier fits: lower resolution, train_batch_size or network_dim"))
+        raise TrainError(
+            f"this job's plan for tier {tier} needs {planned['peak_bytes'] / tiers.GiB:.1f} GiB "
+            f"and the GPU has {free / tiers.GiB:.1f} GiB free; "
+            + (f"set train.vram = \"{fits[0]}\" (or \"auto\")" if fits else
+               "no tier fits: lower resolution, train_batch_size or network_dim"))
     return lever
 
 

@@ -83,7 +83,8 @@ def plan_tier(config: dict, cfg: TrainConfig, lever: dict) -> dict:
     unit = tokens * width * 2
     blocks = config["num_layers"] + config["num_single_layers"]
     if lever["gradient_checkpointing"]:
-        activations = int(unit * (blocks * SAVED_PER_BLOCK_GC + TRANSIENT_BLOCKS * SAVED_PER_BLOCK))
+        kept = 0 if lever.get("cpu_offload_checkpointing") else blocks * SAVED_PER_BLOCK_GC
+        activations = int(unit * (kept + TRANSIENT_BLOCKS * SAVED_PER_BLOCK))
     else:
         activations = int(unit * (blocks * SAVED_PER_BLOCK + TRANSIENT_BLOCKS))
     parts = {"base_weights": base, "lora": 4 * lora, "gradients": 4 * lora,

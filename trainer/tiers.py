@@ -6,7 +6,7 @@ levers, each also a [train] key of its own (named as kohya names it) that overri
     24G    yes       none           yes                     AdamW
     16G    yes       none           yes                     Adafactor   (FluxGym's 16G args)
     12G    no        nf4            yes                     AdamW8bit
-    8G     no        nf4            yes                     Adafactor
+    8G     no        nf4            yes + cpu_offload_checkpointing  Adafactor
 
 `auto` picks the largest tier whose planned peak fits the GPU's free memory (on a CPU:
 `none`). Stdlib only: the daemon validates these keys at submit time.
@@ -17,18 +17,19 @@ TIER_NAMES = ("none", "24G", "16G", "12G", "8G")
 VRAM_CHOICES = ("auto",) + TIER_NAMES
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 QUANTIZE = ("none", "nf4", "int8")
-LEVERS = ("fp8_base", "quantize_base", "gradient_checkpointing", "optimizer_type")
+LEVERS = ("fp8_base", "quantize_base", "gradient_checkpointing", "cpu_offload_checkpointing",
+          "optimizer_type")
 TIERS: dict[str, dict] = {
     "none": dict(fp8_base=False, quantize_base="none", gradient_checkpointing=False,
-                 optimizer_type="AdamW"),
+                 cpu_offload_checkpointing=False, optimizer_type="AdamW"),
     "24G": dict(fp8_base=True, quantize_base="none", gradient_checkpointing=True,
-                optimizer_type="AdamW"),
+                cpu_offload_checkpointing=False, optimizer_type="AdamW"),
     "16G": dict(fp8_base=True, quantize_base="none", gradient_checkpointing=True,
-                optimizer_type="Adafactor"),
+                cpu_offload_checkpointing=False, optimizer_type="Adafactor"),
     "12G": dict(fp8_base=False, quantize_base="nf4", gradient_checkpointing=True,
-                optimizer_type="AdamW8bit"),
+                cpu_offload_checkpointing=False, optimizer_type="AdamW8bit"),
     "8G": dict(fp8_base=False, quantize_base="nf4", gradient_checkpointing=True,
-               optimizer_type="Adafactor"),
+               cpu_offload_checkpointing=True, optimizer_type="Adafactor"),
 }
 # FluxGym's 16G preset: Adafactor with a fixed learning rate, as sd-scripts is told
 ADAFACTOR_ARGS = {"relative_step": False, "scale_parameter": False, "warmup_init": False}

@@ -5,6 +5,7 @@ Exit codes: 0 finished (the LoRA is written), 75 interrupted with a checkpoint (
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -267,6 +268,13 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
                                                cfg.seed, epoch)
         return epoch_cache[epoch][pos]
 
+    def offload():
+        # kohya's cpu_offload_checkpointing: what autograd keeps between the checkpointed
+        # blocks waits in (pinned) CPU memory, and comes back for the backward
+        if not lever["cpu_offload_checkpointing"]:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
     rep.phase("training", f"steps {start}..{p.total_steps}, {n_batches} batches per epoch")
     stop.deferred = True  # from here a stop waits for the step boundary and a checkpoint
     if stop:
@@ -287,7 +295,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
             lat = torch.stack([latents[i] for i in idx])
             emb = torch.stack([texts[items[i].caption]["prompt_embeds"] for i in idx])
             pooled = torch.stack([texts[items[i].caption]["pooled"] for i in idx])
-            with accelerator.autocast():
+            with accelerator.autocast(), offload():
                 loss = flux.flow_matching_loss(transformer, lat, emb, pooled, cfg, g, device,
                                                dtype)
             accelerator.backward(loss / accum)
