@@ -7,7 +7,10 @@ bare loop in its own process: the same model, LoRA, batch, optimizer and loss fu
 with no checkpoints, events or data pipeline. Medians over --runs pairs. Target >= 0.95.
 Checkpoint size: one checkpoint folder / (LoRA + optimizer tensor bytes). Target <= 1.1.
 
-    .venv/bin/python bench/trainer_throughput.py [--steps 60] [--runs 3]
+    .venv/bin/python bench/trainer_throughput.py [--steps 60] [--runs 3] [--tier 12G]
+
+--tier runs both sides with that memory tier's levers (fp8 base, NF4, checkpointing, the
+tier's optimizer): the target holds for every tier that does not offload.
 """
 from __future__ import annotations
 
@@ -33,21 +36,27 @@ ENV = dict({k: v for k, v in os.environ.items() if not k.startswith("FLUXGYM_")}
 
 BARE = textwrap.dedent("""
     import sys, time, torch
-    from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
-    from trainer import quiet
+    from trainer import models, optim, quiet, sources, tiers
     from trainer.config import TrainConfig, lora_targets
     from trainer.flux import flow_matching_loss
     quiet()
     model, steps, batch, res = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    cfg = TrainConfig()
-    tr = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    lever = tiers.TIERS[sys.argv[5]]
+    cfg = TrainConfig(learning_rate=1e-4)
+    quant = lever["quantize_base"]
+    tr = models.load_transformer(sources.resolve(model), torch.float32, fp8=lever["fp8_base"],
+                                 quantize="" if quant == "none" else quant)
     tr.requires_grad_(False)
     torch.manual_seed(0)
     tr.add_adapter(LoraConfig(r=cfg.network_dim, lora_alpha=cfg.network_alpha,
                               init_lora_weights="gaussian", target_modules=lora_targets(cfg.network_target_modules)))
     params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=cfg.weight_decay)
+    for p in params:
+        p.data = p.data.float()
+    if lever["gradient_checkpointing"]:
+        tr.enable_gradient_checkpointing()
+    opt = optim.make(lever["optimizer_type"], params, cfg)
     dim = tr.config.joint_attention_dim
     lat = torch.randn(batch, 16, res // 2, res // 2)
     emb, pooled = torch.randn(batch, 32, dim), torch.randn(batch, tr.config.pooled_projection_dim)
@@ -67,14 +76,15 @@ BARE = textwrap.dedent("""
 """)
 
 
-def trainer_run(root: Path, steps: int, ckpt_every: int, batch: int, res: int, run: int):
+def trainer_run(root: Path, steps: int, ckpt_every: int, batch: int, res: int, run: int,
+                tier: str):
     out = root / f"out{run}"
     job = root / f"job{run}.toml"
     job.write_text(tomli_w.dumps({"job": {"name": "bench"}, "train": {
         "pretrained_model": str(root / "model"), "dataset_dir": str(root / "data"),
         "resolution": res, "max_train_steps": steps + 3, "train_batch_size": batch,
         "num_repeats": 4, "save_every_n_steps": ckpt_every, "save_every_n_epochs": 0,
-        "t5xxl_max_token_length": 32, "learning_rate": 1e-4}}))
+        "t5xxl_max_token_length": 32, "learning_rate": 1e-4, "vram": tier}}))
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     endpoint = f"ipc://{root}/p{run}.sock"
@@ -108,9 +118,12 @@ def checkpoint_ratio(out: Path) -> tuple[float, int, int]:
     lora = load_file(str(ck / "lora.safetensors"))
     opt = torch.load(ck / "optimizer.pt", weights_only=True)
     tensor_bytes = sum(v.numel() * v.element_size() for v in lora.values())
-    for state in opt["state"].values():
-        tensor_bytes += sum(v.numel() * v.element_size() for v in state.values()
-                            if torch.is_tensor(v) and v.dim() > 0)
+    def nbytes(v) -> int:  # bitsandbytes nests its 8-bit state one dict deeper
+        if isinstance(v, dict):
+            return sum(nbytes(x) for x in v.values())
+        return v.numel() * v.element_size() if torch.is_tensor(v) and v.dim() > 0 else 0
+
+    tensor_bytes += sum(nbytes(state) for state in opt["state"].values())
     size = sum(f.stat().st_size for f in ck.iterdir())
     return size / tensor_bytes, size, tensor_bytes
 
@@ -122,6 +135,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--tier", default="none", choices=["none", "24G", "16G", "12G", "8G"],
+                    help="the memory tier both sides use (8G offloads: no target there)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fgt", dir="/tmp"))
     try:
@@ -132,17 +147,18 @@ def main() -> None:
         ours, bare, saves = [], [], []
         for run in range(args.runs):
             per_step, s, out = trainer_run(root, args.steps, args.ckpt_every, args.batch,
-                                           args.resolution, run)
+                                           args.resolution, run, args.tier)
             ours.append(per_step)
             saves += s
             r = subprocess.run([PY, "-c", BARE, str(root / "model"), str(args.steps),
-                                str(args.batch), str(args.resolution)],
+                                str(args.batch), str(args.resolution), args.tier],
                                check=True, env=ENV, capture_output=True, text=True)
             bare.append(float(r.stdout.strip().splitlines()[-1]))
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         ratio, size, tensor_bytes = checkpoint_ratio(out)
         m_ours, m_bare = statistics.median(ours), statistics.median(bare)
-        print(f"~50M Flux preset, batch {args.batch} at {args.resolution}px, {args.steps} steps, "
+        print(f"~50M Flux preset, tier {args.tier}, batch {args.batch} at {args.resolution}px, "
+              f"{args.steps} steps, "
               f"checkpoint every {args.ckpt_every}, {args.runs} runs")
         print(f"trainer   {1 / m_ours:6.2f} steps/s  (per run: "
               f"{', '.join(f'{1 / x:.2f}' for x in ours)})")

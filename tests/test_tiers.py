@@ -72,6 +72,7 @@ def test_each_tier_trains_and_resumes_bit_exactly_after_sigkill(tiny, name):
               "8G": ("Adafactor", False)}.get(name)
     if expect:
         assert (manifest["resume"]["optimizer_type"], manifest["resume"]["fp8_base"]) == expect
+        assert manifest["levers"]["gradient_checkpointing"] is True
 
 
 def test_the_planner_meets_the_full_size_targets(tiny):
@@ -189,3 +190,21 @@ def test_diffusers_converts_our_kohya_layout_back_at_full_width():
         worst = max(worst, (got - want).abs().max().item())
     print(f"diffusers' kohya converter on our layout: max abs difference {worst:.3g}")
     assert worst < 1e-4
+
+
+def test_a_checkpoint_from_before_tiers_still_resumes(tiny):
+    """Checkpoints written before the memory keys existed were made with what is now the
+    `none` tier: a run after an upgrade resumes from them instead of refusing."""
+    rc, out = _run(tiny, "legacy", max_train_steps=10, vram="none")
+    assert rc == 0
+    manifest_path = out / "checkpoints" / "step-00000010" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("clip_l", "t5xxl", "ae", "optimizer_args", "fp8_base", "quantize_base",
+                "optimizer_type"):
+        del manifest["resume"][key]
+    del manifest["levers"]
+    manifest_path.write_text(json.dumps(manifest))
+    rc, out = _run(tiny, "legacy", max_train_steps=12, vram="none")
+    log = (out / "stderr.log").read_text()
+    assert rc == 0, log[-3000:]
+    assert "resuming from" in log and "step 10" in log

@@ -30,8 +30,8 @@ def free_gpu_bytes(device) -> int | None:
 
 def _saved_levers(ckpt_root: str) -> dict | None:
     for found in ckpt.complete(ckpt_root):
-        saved = found.manifest.get("resume", {})
-        if all(k in saved for k in tiers.LEVERS):
+        saved = found.manifest.get("levers", {})
+        if isinstance(saved, dict) and all(k in saved for k in tiers.LEVERS):
             return {k: saved[k] for k in tiers.LEVERS}
     return None
 

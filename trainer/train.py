@@ -21,12 +21,16 @@ from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_capt
 
 # Settings a checkpoint must agree with to be resumed from: anything that changes what the
 # saved state means. max_train_steps may change (train longer); these may not.
-RESUME_KEYS = ("pretrained_model", "clip_l", "t5xxl", "network_dim", "network_alpha",
+RESUME_KEYS = ("pretrained_model", "clip_l", "t5xxl", "ae", "network_dim", "network_alpha",
                "network_target_modules",
                "resolution", "train_batch_size", "gradient_accumulation_steps", "num_repeats",
                "seed", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
                "guidance_scale", "learning_rate", "lr_scheduler", "lr_warmup_steps",
                "weight_decay", "max_grad_norm", "mixed_precision", "optimizer_args")
+STATE_LEVERS = ("fp8_base", "quantize_base", "optimizer_type")
+# What checkpoints written before a key existed were made with
+LEGACY = {"clip_l": "", "t5xxl": "", "ae": "", "optimizer_args": [], "fp8_base": False,
+          "quantize_base": "none", "optimizer_type": "AdamW"}
 
 
 class TrainError(Exception):
@@ -183,7 +187,9 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     # --- resume -----------------------------------------------------------------------
     resume_meta = {k: getattr(cfg, k) for k in RESUME_KEYS}
     resume_meta["dataset_sha256"] = dataset_hash(items)
-    resume_meta.update(lever)  # a checkpoint's optimizer state belongs to its levers
+    # an optimizer's state belongs to its optimizer, and the base's storage changes the
+    # numbers; checkpointing (recomputation) changes neither, so it may differ on resume
+    resume_meta.update({k: lever[k] for k in STATE_LEVERS})
     start = 0
     for found in ckpt.complete(ckpt_root):
         why = ckpt.verify(found)
@@ -191,11 +197,12 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
             rep.say(f"checkpoint {found.path} is damaged ({why}); trying an older one")
             continue
         saved = found.manifest.get("resume", {})
-        diff = [k for k in resume_meta if saved.get(k) != resume_meta[k]]
+        diff = [k for k in resume_meta if saved.get(k, LEGACY.get(k)) != resume_meta[k]]
         if diff:
             raise TrainError(
                 f"{found.path} was made with different settings "
-                + ", ".join(f"{k}={saved.get(k)!r} (now {resume_meta[k]!r})" for k in diff)
+                + ", ".join(f"{k}={saved.get(k, LEGACY.get(k))!r} (now {resume_meta[k]!r})"
+                            for k in diff)
                 + "; restore them, or start over with --fresh")
         set_peft_model_state_dict(model, load_file(os.path.join(found.path, "lora.safetensors")))
         optimizer.load_state_dict(torch.load(os.path.join(found.path, "optimizer.pt"),
@@ -222,7 +229,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
             "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
             "scheduler.pt": lambda f: torch.save(scheduler.state_dict(), f),
             "rng.pt": lambda f: torch.save(rng, f),
-        }, {"resume": resume_meta, "epoch": epoch, "batch_in_epoch": pos,
+        }, {"resume": resume_meta, "levers": lever, "epoch": epoch, "batch_in_epoch": pos,
             "total_steps": p.total_steps, "name": name})
         ckpt.prune(ckpt_root, cfg.save_last_n_checkpoints)
         rep.checkpoint(path, step)
