@@ -13,6 +13,7 @@ gradient checkpointing, 1.1 with it; measured with saved_tensors_hooks on the be
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,6 +28,11 @@ SAVED_PER_BLOCK_GC = 1.1  # with it: the block's inputs only
 TRANSIENT_BLOCKS = 2.0  # one block being recomputed, and the forward's temporaries
 FIXED = 400 << 20  # cuBLAS workspaces, the allocator's rounding, RNG and position tensors
 MODELS = {"flux-dev": True, "flux-schnell": False}  # guidance embedding
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model_cached(config_json: str, fp8: bool):
+    return _meta_model(json.loads(config_json), fp8)
 
 
 def _meta_model(config: dict, fp8: bool):
@@ -49,7 +55,8 @@ def plan_tier(config: dict, cfg: TrainConfig, lever: dict) -> dict:
 
     from .models import BLOCKS
 
-    model = _meta_model(config, lever["fp8_base"])
+    # one meta model per storage choice: five tiers need two builds, not five
+    model = _meta_model_cached(json.dumps(config, sort_keys=True), lever["fp8_base"])
     quant = lever["quantize_base"]
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     base = 0
