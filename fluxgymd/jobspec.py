@@ -17,10 +17,10 @@ from trainer import config as train_config
 from trainer.preflight import preflight
 
 from .protocol import ErrorCode, FluxgymError
+from .kinds import KINDS
 from .watchdog import LIMIT_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-KINDS = ("command", "lora")
 PROGRESS_PARSERS = ("tqdm", "none")
 
 SECTIONS = {

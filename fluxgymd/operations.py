@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __version__, jobspec, ownership
 from .joblog import count_lines, lines_after, read_tail
+from .kinds import kind_of
 from .protocol import PROTOCOL_VERSION, RUNTIME_SETTINGS, TOPIC_STATE, ErrorCode, FluxgymError
 from .states import FINISHED, JobState, check_removal
 
@@ -50,7 +51,7 @@ class Operations:
     def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
         """Why this job may not run here, or None. A command job is any program run as the
         daemon's user: whoever reaches the socket could run code, so they are opt-in."""
-        if spec["kind"] != "command" or self.cfg.allow_command_jobs:
+        if not kind_of(spec).runs_any_program or self.cfg.allow_command_jobs:
             return None
         where = f"[daemon] in {self.cfg.config_file}" if self.cfg.config_file else \
             "[daemon] of fluxgymd's config file"

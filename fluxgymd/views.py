@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
+from .kinds import kind_of
 from .states import JobState as S
 
 ETA_WINDOW_S = 300.0
@@ -36,13 +36,5 @@ def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[s
     if eta is None and running and None not in (step, total, sps):
         eta = (total - step) * sps  # before the pace has a window: the last step's time
     view["eta_s"] = eta
-    view["lora"] = lora_path(job)
+    view["lora"] = kind_of(job).result(job)
     return view
-
-
-def lora_path(job: dict[str, Any]) -> str | None:
-    """The finished LoRA of a lora job, once it exists."""
-    if job.get("kind") != "lora":
-        return None
-    path = Path(job["output_dir"]) / f"{job['name']}.safetensors"
-    return str(path) if path.is_file() else None

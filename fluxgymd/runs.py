@@ -1,0 +1,285 @@
+"""The run of one attempt: start it as its kind says, follow its output and contract
+events into the log, the journal and the store, judge its exit with the watchdog's policy,
+and restart or resume it within its budget. A mixin of the Daemon (daemon.py), which owns the
+sockets, the store and the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ownership
+from .joblog import JobLog
+from .journal import JobLines
+from .kinds import kind_of
+from .probes import job_gpus, oom_kills
+from .progress import parse_child_event, parse_tqdm
+from .protocol import (
+    ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, TOPIC_PROGRESS, FluxgymError,
+    log_topic,
+)
+from .states import JobState
+from .supervisor import Child, Exit, SpawnError
+from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
+
+log = logging.getLogger("fluxgymd")
+S = JobState
+FLUSH_INTERVAL_S = 1.0
+RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs -f`
+# The daemon's own systemd plumbing is not the child's business.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                "LISTEN_FDNAMES", "INVOCATION_ID")
+
+
+@dataclass
+class Run:
+    job_id: int
+    attempt: int
+    log: JobLog
+    parse_tqdm: bool
+    child: Child | None = None
+    cancel: bool = False
+    pending: dict[str, Any] = field(default_factory=dict)  # progress not yet in the store
+    metrics: list[tuple] = field(default_factory=list)
+    last_line: str = ""
+    limits: Limits = field(default_factory=Limits)
+    watch: Watch | None = None
+    budget: Budget = field(default_factory=Budget)
+    stall: Stall | None = None  # set once the watchdog has judged this attempt stalled
+    gpus: list[int] | None = None
+    next_gpu_at: float = 0.0
+    oom_at_start: int | None = None
+    journal: JobLines | None = None  # this attempt's lines to journald, when it is on
+    folder_lock: ownership.FolderLock | None = None
+    # (wall time, step) samples of this attempt: the ETA is the rate over the last
+    # ETA_WINDOW_S, checkpoints and samples included, so it does not jump between phases
+    pace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+
+def _progress_of(job: dict[str, Any]) -> int | None:
+    """How far a job has come for the no-progress breaker: its newest checkpoint, or for a
+    job that never reports one, its step."""
+    return job["checkpoint_step"] if job["checkpoint_step"] is not None else job["step"]
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class Runs:
+    def _job_log(self, job: dict[str, Any]) -> JobLog:
+        jl = self.logs.pop(job["id"], None)
+        if jl is None:
+            jl = JobLog(Path(job["output_dir"]), self.cfg.log_max_bytes, self.cfg.log_backups,
+                        self.cfg.log_memory_lines)
+        self.logs[job["id"]] = jl  # most recent last
+        while len(self.logs) > RECENT_LOGS + len(self.runs) + 1:
+            old_id, old = next(iter(self.logs.items()))
+            if old_id in self.runs:
+                break
+            self.logs.pop(old_id).close()
+        return jl
+
+    def _start(self, job: dict[str, Any]) -> None:
+        job_id, attempt = job["id"], job["attempts"] + 1
+        kind = kind_of(job)
+        job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
+                               started_at=job["started_at"] or time.time(), exit_code=None)
+        if (why := self._command_jobs_off(job["spec"])) is not None:
+            # queued while they were allowed, and the config changed since
+            self._transition(job_id, S.FAILED, why)
+            return
+        out = Path(job["output_dir"])
+        try:
+            why = ownership.check(out, self.store.id, job_id, job["spec"])
+            if why is not None:
+                self._transition(job_id, S.FAILED, why)
+                return
+            folder_lock = ownership.FolderLock(out)
+        except OSError as e:
+            self._transition(job_id, S.FAILED, f"could not prepare {out}: {e}")
+            return
+        except FluxgymError as e:
+            self._transition(job_id, S.FAILED, e.message)
+            return
+        try:
+            argv, extra_env, cwd = kind.command(job)
+        except OSError as e:
+            folder_lock.release()
+            self._transition(job_id, S.FAILED, f"could not prepare {out}: {e}")
+            return
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra_env)
+        env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
+                    ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
+        run = Run(job_id, attempt, self._job_log(job), parse_tqdm=kind.parses_tqdm(job["spec"]),
+                  folder_lock=folder_lock)
+        if self.journal is not None:
+            run.journal = JobLines(self.journal, job_id, job["name"], attempt)
+        run.log.write([f"=== fluxgymd: attempt {attempt} at "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {_one_line(shlex.join(argv))} ==="])
+        try:
+            run.child = Child(argv, env, cwd, lambda lines, pending, stream:
+                              self._on_output(run, lines, pending, stream))
+        except SpawnError as e:
+            folder_lock.release()
+            run.log.write([f"=== fluxgymd: {e} ==="])
+            self._transition(job_id, S.FAILED, str(e))
+            return
+        run.limits = self._limits_for(job)
+        run.watch = Watch(run.limits, started=time.monotonic(), contract=kind.speaks_contract,
+                          gpu_available=self.gpu.available)
+        run.budget = Budget(restarts=job["restarts"], no_progress=job["no_progress"],
+                            progress_at_start=_progress_of(job))
+        run.gpus = job_gpus(env)
+        run.oom_at_start = oom_kills()
+        self.runs[job_id] = run
+        self._transition(job_id, S.RUNNING, f"attempt {attempt}: pid {run.child.pid}",
+                         pid=run.child.pid, pid_started=run.child.create_time)
+        self._spawn(self._watch(run))
+
+    def _limits_for(self, job: dict[str, Any]) -> Limits:
+        return self.cfg.limits.with_overrides(job["spec"].get("watchdog") or {})
+
+    async def _watch(self, run: Run) -> None:
+        result = await run.child.exited
+        try:
+            self._on_exit(run, result)
+        finally:
+            if run.folder_lock is not None:
+                run.folder_lock.release()
+            self.runs.pop(run.job_id, None)
+            self.schedule()
+
+    def _on_exit(self, run: Run, ex: Exit) -> None:
+        self._flush_run(run)
+        note = f" (killed {ex.leftovers} leftover process(es) of its group)" if ex.leftovers else ""
+        run.log.write([f"=== fluxgymd: attempt {run.attempt} {ex.describe()}{note} ==="])
+        job = self.store.get(run.job_id)
+        oom_now = oom_kills()
+        ending = Ending(
+            code=ex.code, signal=ex.signal, description=ex.describe(),
+            output_tail="\n".join(line for _, line in run.log.tail(60)),
+            oom_killed=None not in (oom_now, run.oom_at_start) and oom_now > run.oom_at_start,
+            stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
+            progress=_progress_of(job), last_output=run.last_line,
+            contract=kind_of(job).speaks_contract)
+        out = after_exit(ending, run.budget, run.limits)
+        reason = out.reason
+        fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
+                  "no_progress": out.budget.no_progress}
+        job_id = run.job_id
+        if out.action == "succeeded":
+            self._transition(job_id, S.SUCCEEDED, reason, **fields)
+        elif out.action == "cancelled":
+            self._transition(job_id, S.CANCELLED, reason, **fields)
+        elif out.action == "failed":
+            self._transition(job_id, S.FAILED, reason, **fields)
+        elif out.action == "interrupted":
+            self._transition(job_id, S.INTERRUPTED, reason, **fields)
+            self._transition(job_id, S.QUEUED, "resumes when fluxgymd starts again")
+        elif out.action == "resume":
+            self._transition(job_id, S.INTERRUPTED, reason, **fields)
+            self._transition(job_id, S.QUEUED, "resuming from its checkpoint")
+        else:  # restart after a backoff, keeping the job's slot
+            self._transition(job_id, S.RECOVERING, reason, **fields)
+            self.recovering[job_id] = asyncio.get_running_loop().call_later(
+                out.delay_s, self._restart, job_id)
+
+    def _restart(self, job_id: int) -> None:
+        self.recovering.pop(job_id, None)
+        if self.stopping:
+            return
+        job = self.store.get(job_id)
+        if job["state"] == S.RECOVERING.value:
+            self._start(job)
+        self.schedule()
+
+    def _on_output(self, run: Run, lines: list[str], pending: str, stream: str) -> None:
+        if run.watch is not None:
+            run.watch.on_output(time.monotonic())
+        if lines and run.journal is not None:
+            run.journal.lines(lines, stream)
+        if lines:
+            first = run.log.write(lines)
+            self._publish(log_topic(run.job_id),
+                          {"job": run.job_id, "epoch": self.epoch, "first": first, "lines": lines})
+            for line in reversed(lines):
+                if line.strip():
+                    run.last_line = line.strip()
+                    break
+        if run.parse_tqdm:
+            # Only the newest bar matters, and the newest is often still being drawn.
+            for line in [pending, *reversed(lines)]:
+                if "/" in line:
+                    ev = parse_tqdm(line)
+                    if ev:
+                        self._on_progress(run, ev)
+                        break
+
+    async def _serve_progress(self) -> None:
+        while True:
+            payload = await self.pull.recv()
+            ev = parse_child_event(payload)
+            if ev is None:
+                log.debug("ignored a malformed progress event: %.200r", payload)
+                continue
+            run = self.runs.get(ev["job"])
+            if run is not None and ev.get("attempt", run.attempt) == run.attempt:
+                if run.watch is not None:
+                    run.watch.contract = True  # it speaks the contract: judge it by events
+                self._on_progress(run, ev)
+
+    def _on_progress(self, run: Run, ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        if run.watch is not None:
+            now = time.monotonic()
+            if kind == "step":
+                run.watch.on_step(now, ev["step"])
+            elif kind == "phase":
+                run.watch.on_phase(now, ev["phase"])
+        if kind == "step":
+            run.pace.append((time.time(), ev["step"]))
+            upd = {"step": ev["step"]}
+            for src, dst in (("total", "total_steps"), ("loss", "loss"), ("lr", "lr"),
+                             ("seconds_per_step", "seconds_per_step")):
+                if src in ev:
+                    upd[dst] = ev[src]
+            run.pending.update(upd)
+            if "loss" in ev or "lr" in ev:
+                run.metrics.append((run.job_id, time.time(), run.attempt, ev["step"],
+                                    ev.get("loss"), ev.get("lr")))
+        elif kind == "phase":
+            self.store.update(run.job_id, phase=ev["phase"])
+        elif kind == "plan":
+            self.store.update(run.job_id, memory_plan=json.dumps(ev["plan"]))
+        elif kind == "checkpoint":
+            self.store.update(run.job_id, checkpoint=ev["path"],
+                              checkpoint_step=ev.get("step"))
+        self._publish(TOPIC_PROGRESS, dict(ev, job=run.job_id))
+
+    def _flush_run(self, run: Run) -> None:
+        if run.pending:
+            self.store.update(run.job_id, **run.pending)
+            run.pending = {}
+        if run.metrics:
+            self.store.add_metrics(run.metrics)
+            run.metrics = []
+
+    def _flush(self) -> None:
+        for run in list(self.runs.values()):
+            self._flush_run(run)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self._flush()

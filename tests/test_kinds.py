@@ -1,0 +1,41 @@
+"""Job kinds: each answers for itself how it starts, how its progress is read and what it
+leaves behind; the daemon only asks."""
+import tomllib
+
+import pytest
+
+from fluxgymd.kinds import KINDS, kind_of
+
+
+def test_a_command_job_runs_its_argv_and_reads_tqdm_only_when_asked(tmp_path):
+    spec = {"kind": "command", "name": "c", "command": {"argv": ["echo", "hi"], "env": {"A": "1"},
+                                                         "cwd": None, "progress": "tqdm"}}
+    job = {"kind": "command", "spec": spec, "output_dir": str(tmp_path), "name": "c"}
+    kind = kind_of(job)
+    assert kind.command(job) == (["echo", "hi"], {"A": "1"}, None)
+    assert kind.parses_tqdm(spec) and not kind.speaks_contract and kind.runs_any_program
+    spec["command"]["progress"] = "none"
+    assert not kind.parses_tqdm(spec) and kind.result(job) is None
+
+
+def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
+    spec = {"kind": "lora", "name": "l", "train": {"network_dim": 8},
+            "watchdog": {"step_timeout_s": 60}}
+    job = {"kind": "lora", "spec": spec, "output_dir": str(tmp_path), "name": "l"}
+    kind = kind_of(job)
+    argv, env, cwd = kind.command(job)
+    assert argv[1:4] == ["-m", "trainer", str(tmp_path / "job.toml")] and argv[-1] == str(tmp_path)
+    doc = tomllib.loads((tmp_path / "job.toml").read_text())
+    assert doc == {"job": {"name": "l", "kind": "lora"}, "train": {"network_dim": 8},
+                   "watchdog": {"step_timeout_s": 60}}
+    assert kind.speaks_contract and not kind.runs_any_program
+    assert kind.result(job) is None
+    (tmp_path / "l.safetensors").write_bytes(b"x")
+    assert kind.result(job) == str(tmp_path / "l.safetensors")
+
+
+def test_every_kind_the_job_files_accept_has_a_home():
+    from fluxgymd import jobspec
+    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora"}
+    with pytest.raises(KeyError):
+        kind_of({"kind": "slurm-magic"})
