@@ -308,4 +308,5 @@ def main() -> None:
 
 
 # queue control lives in its own module; importing it registers its commands on `cli`
+from . import importer as _importer  # noqa: E402,F401
 from . import queue as _queue  # noqa: E402,F401

@@ -1,0 +1,85 @@
+"""`fluxgymctl import`: a FluxGym output folder (train.sh or .bat, dataset.toml,
+sample_prompts.txt) as a fluxgymd job file."""
+from __future__ import annotations
+
+import os
+
+import click
+import tomli_w
+
+from . import render
+from .cli import cli
+from .context import Ctx, command, fail
+from .exitcodes import Exit
+from .fluxgym import FluxGymImportError, locate, read_script
+from .fluxgym import as_lora as to_lora
+
+
+def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            fail(ctx, Exit.USAGE, f"--map {item!r}: use OLD=NEW (a path prefix and its "
+                 "replacement here)", "usage")
+        out.append((old, new))
+    return out
+
+
+@cli.command("import", short_help="A FluxGym train.sh as a job file.")
+@click.argument("path")
+@click.option("--name", help="The job's name (default: the script's --output_name).")
+@click.option("--as-lora", is_flag=True, help="A job for fluxgymd's own trainer (kind = "
+              "\"lora\"), FluxGym's settings mapped to its keys.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the job file "
+              "here (default: standard output).")
+@click.option("--tokenizers", type=click.Path(file_okay=False), help="A folder with FLUX.1's "
+              "tokenizer/ and tokenizer_2/ (sd-scripts fetches them from the hub; fluxgymd "
+              "does not): written as train.tokenizers.")
+@click.option("--submit", "submit_", is_flag=True, help="Also submit the job.")
+@click.option("--map", "maps", multiple=True, metavar="OLD=NEW", help="Replace the path "
+              "prefix OLD (FluxGym's machine) with NEW (this one); repeatable.")
+@command
+def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | None,
+            tokenizers: str | None, submit_: bool, maps: tuple[str, ...]) -> None:
+    """Read PATH (a FluxGym output folder, or its train.sh / train.bat), with the
+    dataset.toml and sample_prompts.txt it names, and write a job file.
+
+    Paths that do not exist here are reported with their flags, and so is every setting
+    that has no counterpart."""
+    if not as_lora:
+        fail(ctx, Exit.USAGE, "running sd-scripts itself as a kohya job is not built yet; "
+             "--as-lora writes a job for fluxgymd's own trainer", "usage")
+    try:
+        script = read_script(locate(path))
+        imp = to_lora(script, _maps(ctx, maps), name)
+    except FluxGymImportError as e:
+        fail(ctx, Exit.USAGE, str(e), "usage")
+    if tokenizers:
+        imp.train["tokenizers"] = os.path.abspath(tokenizers)
+    doc = {"job": {"name": imp.name, "kind": "lora",
+                   "description": f"imported from {os.path.abspath(script.path)}"},
+           "train": imp.train}
+    head = [f"# Imported from {os.path.abspath(script.path)} by fluxgymctl import --as-lora."]
+    head += [f"# No counterpart here: {x}" for x in imp.no_counterpart]
+    head += [f"# Not found here: {x}" for x in imp.missing]
+    text = "\n".join(head) + "\n\n" + tomli_w.dumps(doc).rstrip("\n") + "\n"
+    for x in imp.missing:
+        click.echo(f"fluxgymctl: not found here: {x} (use --map OLD=NEW or edit the job)",
+                   err=True)
+    for x in imp.no_counterpart:
+        click.echo(f"fluxgymctl: no counterpart: {x}", err=True)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if not ctx.json:
+            click.echo(f"wrote {output}", err=True)
+    elif not submit_:
+        click.echo(text, nl=False)
+    if submit_:
+        job = ctx.call("submit", text=text, source=os.path.abspath(output or script.path),
+                       name=None, priority=0)
+        if ctx.json:
+            return render.emit_json(job)
+        click.echo(f"job {job['id']} ({job['name']}) {job['state']}; follow it with: "
+                   f"fluxgymctl logs -f {job['name']}")
