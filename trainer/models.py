@@ -50,8 +50,14 @@ class Reader:
             raise KeyError(f"{self.part.files[0]} has no tensor {self.part.prefix}{key}")
         return self.index[key].get_tensor(self.part.prefix + key)
 
-    def all(self) -> dict[str, torch.Tensor]:
-        return {k: self(k) for k in self.index}
+    def all(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor, floating ones cast to `dtype` as each is read: a T5-XXL file in fp16
+        is never held twice (as read and as cast)."""
+        out = {}
+        for k in self.index:
+            t = self(k)
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
 
     def close(self) -> None:
         self._stack.close()
@@ -158,7 +164,7 @@ def load_vae(src: Source, dtype: torch.dtype):
         vae = AutoencoderKL(**_config(part)).to(dtype)
     read = Reader(part)
     try:
-        tensors = read.all()
+        tensors = read.all(dtype)
     finally:
         read.close()
     if part.layout == "ldm":
@@ -183,7 +189,7 @@ def load_text_encoder(src: Source, dtype: torch.dtype, which: str):
             model = T5EncoderModel(T5Config(**_config(part))).to(dtype)
     read = Reader(part)
     try:
-        tensors = read.all()
+        tensors = read.all(dtype)
     finally:
         read.close()
     own = model.state_dict()
