@@ -140,8 +140,8 @@ class Imported:
     no_counterpart: list[str]  # settings with nothing like them in our trainer
 
 
-def _one(script: Script, flag: str) -> str | None:
-    values = script.args.get(flag)
+def _one(args: dict[str, list[str]], flag: str) -> str | None:
+    values = args.get(flag)
     return values[0] if values else None
 
 
@@ -179,17 +179,17 @@ def as_lora(script: Script, maps: list[tuple[str, str]], name: str | None = None
     if "optimizer_type" in train or "fp8_base" in train:
         # FluxGym chose these levers for its VRAM preset; keep them, and the tier out of it
         train.setdefault("vram", "none")
-    config = _one(Script(script.path, {}, "", args), "dataset_config")
+    config = _one(args, "dataset_config")
     if config:
         _dataset(config, maps, train, missing, no_counterpart)
-    prompts = _one(Script(script.path, {}, "", args), "sample_prompts")
+    prompts = _one(args, "sample_prompts")
     if prompts and os.path.isfile(prompts):
         with open(prompts, encoding="utf-8") as fh:
             lines = [line.strip() for line in fh if line.strip()
                      and not line.lstrip().startswith("#")]
         # kohya's per-prompt options ("--w 512") have no counterpart: keep the text
         train["sample_prompts"] = [line.split(" --", 1)[0].strip() for line in lines]
-    out_name = name or _one(script, "output_name") or os.path.basename(
+    out_name = name or _one(args, "output_name") or os.path.basename(
         os.path.dirname(os.path.abspath(script.path)))
     return Imported(out_name, train, missing, no_counterpart)
 

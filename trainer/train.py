@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from . import checkpoint as ckpt
 from .config import PATH_KEYS, TrainConfig, lora_targets
+from .tiers import TIERS
 from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
 from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
                    scan)
@@ -28,9 +29,10 @@ RESUME_KEYS = ("pretrained_model", "clip_l", "t5xxl", "ae", "network_dim", "netw
                "guidance_scale", "learning_rate", "lr_scheduler", "lr_warmup_steps",
                "weight_decay", "max_grad_norm", "mixed_precision", "optimizer_args")
 STATE_LEVERS = ("fp8_base", "quantize_base", "optimizer_type")
-# What checkpoints written before a key existed were made with
-LEGACY = {"clip_l": "", "t5xxl": "", "ae": "", "optimizer_args": [], "fp8_base": False,
-          "quantize_base": "none", "optimizer_type": "AdamW"}
+# What checkpoints written before a key existed were made with: no extra part files, and
+# the levers of what is now the `none` tier
+LEGACY = {"clip_l": "", "t5xxl": "", "ae": "", "optimizer_args": [],
+          **{k: TIERS["none"][k] for k in STATE_LEVERS}}
 
 
 class TrainError(Exception):
