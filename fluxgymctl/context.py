@@ -32,9 +32,14 @@ class Ctx:
         return self._client
 
     def call(self, op: str, **args: Any) -> Any:
-        result = self.client.call(op, **args)
+        # a kohya job is checked by sd-scripts' own parser at submit: seconds, not ms
+        timeout = max(self.client.timeout, SUBMIT_TIMEOUT_S) if op == "submit" else None
+        result = self.client.call(op, timeout=timeout, **args)
         self.reached = True
         return result
+
+
+SUBMIT_TIMEOUT_S = 330.0
 
 
 def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:

@@ -11,8 +11,9 @@ from . import render
 from .cli import cli
 from .context import Ctx, command, fail
 from .exitcodes import Exit
-from .fluxgym import FluxGymImportError, locate, read_script
-from .fluxgym import as_lora as to_lora
+from fluxgymd.fluxgym import FluxGymImportError, locate, read_script
+from fluxgymd.fluxgym import as_kohya as to_kohya
+from fluxgymd.fluxgym import as_lora as to_lora
 
 
 def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -36,39 +37,65 @@ def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--tokenizers", type=click.Path(file_okay=False), help="A folder with FLUX.1's "
               "tokenizer/ and tokenizer_2/ (sd-scripts fetches them from the hub; fluxgymd "
               "does not): written as train.tokenizers.")
+@click.option("--sd-scripts", "sd_scripts", type=click.Path(file_okay=False), help="Your "
+              "sd-scripts checkout, for a kohya job (default: FluxGym's, beside its outputs/).")
 @click.option("--submit", "submit_", is_flag=True, help="Also submit the job.")
 @click.option("--map", "maps", multiple=True, metavar="OLD=NEW", help="Replace the path "
               "prefix OLD (FluxGym's machine) with NEW (this one); repeatable.")
 @command
 def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | None,
-            tokenizers: str | None, submit_: bool, maps: tuple[str, ...]) -> None:
+            tokenizers: str | None, sd_scripts: str | None, submit_: bool,
+            maps: tuple[str, ...]) -> None:
     """Read PATH (a FluxGym output folder, or its train.sh / train.bat), with the
-    dataset.toml and sample_prompts.txt it names, and write a job file.
+    dataset.toml and sample_prompts.txt it names, and write a job file: a kind = "kohya"
+    job that runs the same sd-scripts with the same arguments under fluxgymd, or with
+    --as-lora one for fluxgymd's own trainer.
 
     Paths that do not exist here are reported with their flags, and so is every setting
     that has no counterpart."""
-    if not as_lora:
-        fail(ctx, Exit.USAGE, "running sd-scripts itself as a kohya job is not built yet; "
-             "--as-lora writes a job for fluxgymd's own trainer", "usage")
     try:
         script = read_script(locate(path))
-        imp = to_lora(script, _maps(ctx, maps), name)
+        if as_lora:
+            imp = to_lora(script, _maps(ctx, maps), name)
+        else:
+            ky = to_kohya(script, _maps(ctx, maps), name,
+                          os.path.abspath(sd_scripts) if sd_scripts else None)
     except FluxGymImportError as e:
         fail(ctx, Exit.USAGE, str(e), "usage")
-    if tokenizers:
-        imp.train["tokenizers"] = os.path.abspath(tokenizers)
-    doc = {"job": {"name": imp.name, "kind": "lora",
-                   "description": f"imported from {os.path.abspath(script.path)}"},
-           "train": imp.train}
-    head = [f"# Imported from {os.path.abspath(script.path)} by fluxgymctl import --as-lora."]
-    head += [f"# No counterpart here: {x}" for x in imp.no_counterpart]
-    head += [f"# Not found here: {x}" for x in imp.missing]
+    source = os.path.abspath(script.path)
+    if as_lora:
+        if tokenizers:
+            imp.train["tokenizers"] = os.path.abspath(tokenizers)
+        doc = {"job": {"name": imp.name, "kind": "lora", "description": f"imported from {source}"},
+               "train": imp.train}
+        head = [f"# Imported from {source} by fluxgymctl import --as-lora."]
+        head += [f"# No counterpart here: {x}" for x in imp.no_counterpart]
+        missing, notes = imp.missing, [f"no counterpart: {x}" for x in imp.no_counterpart]
+    else:
+        notes = list(ky.notes)
+        if ky.dataset_copy is not None:
+            if output:
+                copy = os.path.splitext(os.path.abspath(output))[0] + ".dataset.toml"
+                with open(copy, "w", encoding="utf-8") as fh:
+                    fh.write(ky.dataset_copy)
+                args = ky.kohya["args"]
+                args[args.index("--dataset_config") + 1] = copy
+                notes.append(f"dataset.toml with its paths remapped written to {copy}")
+            else:
+                notes.append("the dataset.toml names paths that --map changes: give -o FILE "
+                             "so its remapped copy can be written beside the job")
+        doc = {"job": {"name": ky.name, "kind": "kohya", "description": f"imported from {source}"},
+               "kohya": ky.kohya}
+        head = [f"# Imported from {source} by fluxgymctl import.",
+                "# fluxgymd adds --output_dir, --save_state and the state intervals itself."]
+        missing = ky.missing
+    head += [f"# Not found here: {x}" for x in missing]
     text = "\n".join(head) + "\n\n" + tomli_w.dumps(doc).rstrip("\n") + "\n"
-    for x in imp.missing:
+    for x in missing:
         click.echo(f"fluxgymctl: not found here: {x} (use --map OLD=NEW or edit the job)",
                    err=True)
-    for x in imp.no_counterpart:
-        click.echo(f"fluxgymctl: no counterpart: {x}", err=True)
+    for x in notes:
+        click.echo(f"fluxgymctl: {x}", err=True)
     if output:
         with open(output, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -77,7 +104,7 @@ def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | 
     elif not submit_:
         click.echo(text, nl=False)
     if submit_:
-        job = ctx.call("submit", text=text, source=os.path.abspath(output or script.path),
+        job = ctx.call("submit", text=text, source=os.path.abspath(output or source),
                        name=None, priority=0)
         if ctx.json:
             return render.emit_json(job)

@@ -51,6 +51,7 @@ KEYS = [
     Key("logs", "memory_lines", int, 10000, minimum=100),
     Key("watchdog", "gpu_probe", str, "auto"),
     Key("watchdog", "gpu_poll_s", float, 5.0, minimum=0.1),
+    Key("kohya", "save_every_n_steps", int, 100, minimum=1),
 ]
 # The watchdog's thresholds: one source of names and defaults, watchdog.Limits.
 KEYS += [Key("watchdog", name, type(getattr(Limits(), name)), getattr(Limits(), name), minimum=0)
@@ -145,6 +146,7 @@ class Config:
     limits: Limits
     gpu_probe: str
     gpu_poll_s: float
+    kohya_save_every_n_steps: int = 100
     config_file: Path | None = None
 
     @property
@@ -197,6 +199,7 @@ def load(
         limits=Limits(**{name: values[f"watchdog.{name}"] for name in LIMIT_NAMES}),
         gpu_probe=values["watchdog.gpu_probe"],
         gpu_poll_s=values["watchdog.gpu_poll_s"],
+        kohya_save_every_n_steps=values["kohya.save_every_n_steps"],
         config_file=Path(path) if path else None,
     )
     sock = str(cfg.runtime_dir / CONTROL_SOCKET)

@@ -6,27 +6,22 @@ instead, so a user fixes a job file in one round. The result is a plain dict (st
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from trainer import config as train_config
-from trainer.preflight import preflight
-
-from .protocol import ErrorCode, FluxgymError
 from .kinds import KINDS
+from .protocol import ErrorCode, FluxgymError
 from .watchdog import LIMIT_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-PROGRESS_PARSERS = ("tqdm", "none")
 
 SECTIONS = {
     "job": {"name": str, "kind": str, "description": str},
     "command": {"argv": list, "env": dict, "cwd": str, "progress": str},
     "train": None,  # the trainer validates its own keys
+    "kohya": None,  # the kohya kind validates its own keys
     "watchdog": {name: (int, float) for name in LIMIT_NAMES},
 }
 
@@ -53,10 +48,12 @@ def check_name(name: Any) -> str | None:
 
 
 def parse(text: str, source: str = "", name_override: str = "",
-          outputs_dir: Path | None = None) -> dict[str, Any]:
-    """The validated job; for a lora job, also what can be checked without loading the model
-    (dataset images, model class, free disk under `outputs_dir`). Warnings that do not stop
-    the job are in spec["warnings"]."""
+          outputs_dir: Path | None = None, defaults: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    """The validated job, and what its kind checks on this machine before it is queued (for
+    a lora job the dataset, the model files and free disk under `outputs_dir`; for a kohya
+    job sd-scripts' own argument parser). `defaults`: the daemon's per-kind defaults.
+    Warnings that do not stop the job are in spec["warnings"]."""
     where = source or "job file"
     try:
         data = tomllib.loads(text)
@@ -72,12 +69,11 @@ def parse(text: str, source: str = "", name_override: str = "",
                            f"{', '.join(nul[:5])}; remove it", details=nul)
     base = Path(source).resolve().parent if source else Path.cwd()
     errors: list[str] = []
-    spec = _validate(data, base, errors, name_override)
+    spec = _validate(data, base, errors, name_override, defaults or {})
     spec["warnings"] = []
-    if not errors and spec.get("kind") == "lora":
-        problems, spec["warnings"] = preflight(
-            train_config.TrainConfig(**spec["train"]),
-            str(outputs_dir) if outputs_dir is not None else str(base))
+    if not errors:
+        problems, spec["warnings"] = KINDS[spec["kind"]].check(
+            spec, str(outputs_dir) if outputs_dir is not None else str(base))
         errors.extend(problems)
     if errors:
         msg = f"{where} has {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors)
@@ -102,7 +98,8 @@ def _with_nul(value: Any, where: str):
             yield from _with_nul(v, f"{where}[{i}]")
 
 
-def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> dict[str, Any]:
+def _validate(data: dict, base: Path, errors: list[str], name_override: str,
+              defaults: dict[str, Any]) -> dict[str, Any]:
     for section, value in data.items():
         if section not in SECTIONS:
             errors.append(f"unknown section [{section}]{_close(section, SECTIONS)}")
@@ -143,71 +140,14 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str) -> 
         "description": job.get("description", ""),
         "watchdog": dict(watchdog),
     }
-    if kind == "command":
-        spec["command"] = _command(data.get("command"), base, errors)
-        if "train" in data:
-            errors.append("[train] is only for kind = \"lora\" jobs")
-    elif kind == "lora":
-        train = data.get("train")
-        if not isinstance(train, dict):
-            errors.append("a lora job needs a [train] section (see etc/jobs/tiny-lora.toml)")
-        else:
-            # The trainer's own validation (stdlib only), so mistakes surface at submit.
-            try:
-                spec["train"] = train_config.parse(train, str(base)).to_dict()
-            except train_config.TrainConfigError as e:
-                errors.extend(e.problems)
-        if "command" in data:
-            errors.append("[command] is only for kind = \"command\" jobs")
+    if kind in KINDS:
+        own = KINDS[kind].section
+        spec[own] = KINDS[kind].validate(data.get(own), base, errors, defaults)
+        for other in {k.section for k in KINDS.values()} - {own}:
+            if other in data:
+                users = [k.name for k in KINDS.values() if k.section == other]
+                errors.append(f"[{other}] is only for kind = \"{users[0]}\" jobs")
     return spec
-
-
-def _command(section: Any, base: Path, errors: list[str]) -> dict[str, Any]:
-    if not isinstance(section, dict):
-        errors.append("a command job needs a [command] section with argv = [\"program\", ...]")
-        return {}
-    argv = section.get("argv")
-    out: dict[str, Any] = {"argv": argv, "env": {}, "cwd": None, "progress": "tqdm"}
-    if argv is None:
-        errors.append("missing command.argv (e.g. argv = [\"python3\", \"train.py\"])")
-    elif isinstance(argv, list):
-        if not argv:
-            errors.append("command.argv is empty; give at least the program to run")
-        elif not all(isinstance(a, str) for a in argv):
-            errors.append("command.argv must hold only strings")
-        else:
-            prog = argv[0]
-            if "/" in prog:
-                # normpath, not resolve: a venv's bin/python is a symlink that must stay one
-                path = Path(os.path.normpath(base / prog))
-                if not path.exists():
-                    errors.append(f"command.argv[0]: {path} does not exist")
-                elif not os.access(path, os.X_OK):
-                    errors.append(f"command.argv[0]: {path} is not executable (chmod +x it)")
-                out["argv"] = [str(path)] + argv[1:]
-            elif shutil.which(prog) is None:
-                errors.append(f"command.argv[0]: program {prog!r} is not on the daemon's PATH")
-    env = section.get("env", {})
-    if isinstance(env, dict):
-        for k, v in env.items():
-            if not isinstance(v, str):
-                errors.append(f"command.env.{k} must be a string, got {v!r:.60}")
-        out["env"] = env
-    cwd = section.get("cwd")
-    if isinstance(cwd, str):
-        p = (base / cwd).resolve()
-        if not p.is_dir():
-            errors.append(f"command.cwd: {p} is not a directory")
-        out["cwd"] = str(p)
-    progress = section.get("progress", "tqdm")
-    if isinstance(progress, str):
-        if progress not in PROGRESS_PARSERS:
-            errors.append(
-                f"command.progress {progress!r} is unknown; use one of: "
-                f"{', '.join(PROGRESS_PARSERS)}"
-            )
-        out["progress"] = progress
-    return out
 
 
 def output_dir(outputs_root: Path, name: str) -> Path:

@@ -126,8 +126,11 @@ def finished(output_dir: str, name: str, ext: str = ".safetensors") -> bool:
 def resume_args(output_dir: str, name: str) -> list[str]:
     """What to add to sd-scripts' arguments so the next attempt continues the same run: the
     newest complete state, with the batches it already trained skipped and the step count
-    continued (`--skip_until_initial_step`: this version sets global_step from the state)."""
-    found = state_folders(output_dir, name)
+    continued (`--skip_until_initial_step`; kohya_launcher.py corrects the count past the
+    first epoch). Never the end state `<name>-state`: it is saved after the last step, and
+    sd-scripts refuses to resume at max_train_steps (an endless crash loop); a run that died
+    between it and its final model resumes from its newest step or epoch state instead."""
+    found = [s for s in state_folders(output_dir, name) if s.kind != "end"]
     if not found:
         return []
     return ["--resume", found[0].path, "--skip_until_initial_step"]

@@ -6,6 +6,8 @@ the job's state, change it through those, and shape the answer.
 """
 from __future__ import annotations
 
+import asyncio
+
 import dataclasses
 import logging
 import os
@@ -64,11 +66,18 @@ class Operations:
         if (why := self._command_jobs_off(spec)) is not None:
             raise FluxgymError(ErrorCode.FORBIDDEN, why)
 
-    def op_submit(self, args) -> dict[str, Any]:
+    async def op_submit(self, args) -> dict[str, Any]:
         if self.stopping:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
-        spec = jobspec.parse(args["text"], args["source"], args["name"], self.cfg.outputs_dir)
+        # in a thread: a kohya job's check runs sd-scripts' parser (seconds), and the loop
+        # keeps supervising the running jobs meanwhile
+        spec = await asyncio.to_thread(
+            jobspec.parse, args["text"], args["source"], args["name"], self.cfg.outputs_dir,
+            {"kohya.save_every_n_steps": self.cfg.kohya_save_every_n_steps})
+        if self.stopping:
+            raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
+                               "once it has restarted")
         self._check_allowed(spec)
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
         try:

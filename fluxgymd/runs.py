@@ -21,7 +21,7 @@ from .joblog import JobLog
 from .journal import JobLines
 from .kinds import kind_of
 from .probes import job_gpus, oom_kills
-from .progress import parse_child_event, parse_tqdm
+from .progress import parse_child_event
 from .protocol import (
     ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, TOPIC_PROGRESS, FluxgymError,
     log_topic,
@@ -44,7 +44,7 @@ class Run:
     job_id: int
     attempt: int
     log: JobLog
-    parse_tqdm: bool
+    parser: Any = None  # the kind's reader of progress from output, if it has one
     child: Child | None = None
     cancel: bool = False
     pending: dict[str, Any] = field(default_factory=dict)  # progress not yet in the store
@@ -110,6 +110,11 @@ class Runs:
         except FluxgymError as e:
             self._transition(job_id, S.FAILED, e.message)
             return
+        if kind.finished(job):
+            folder_lock.release()
+            self._transition(job_id, S.SUCCEEDED, f"its final model {kind.result(job)} "
+                             "already exists: the run finished, so it is not run again")
+            return
         try:
             argv, extra_env, cwd = kind.command(job)
         except OSError as e:
@@ -121,7 +126,7 @@ class Runs:
         env.update(extra_env)
         env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
-        run = Run(job_id, attempt, self._job_log(job), parse_tqdm=kind.parses_tqdm(job["spec"]),
+        run = Run(job_id, attempt, self._job_log(job), parser=kind.output_parser(job["spec"]),
                   folder_lock=folder_lock)
         if self.journal is not None:
             run.journal = JobLines(self.journal, job_id, job["name"], attempt)
@@ -217,14 +222,9 @@ class Runs:
                 if line.strip():
                     run.last_line = line.strip()
                     break
-        if run.parse_tqdm:
-            # Only the newest bar matters, and the newest is often still being drawn.
-            for line in [pending, *reversed(lines)]:
-                if "/" in line:
-                    ev = parse_tqdm(line)
-                    if ev:
-                        self._on_progress(run, ev)
-                        break
+        if run.parser is not None:
+            for ev in run.parser(lines, pending):
+                self._on_progress(run, ev)
 
     async def _serve_progress(self) -> None:
         while True:

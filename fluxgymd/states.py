@@ -32,7 +32,8 @@ FINISHED = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.QUEUED: frozenset({S.STARTING, S.CANCELLED}),
-    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.INTERRUPTED}),
+    # SUCCEEDED: a run whose final result already exists is not run again (kohya)
+    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.INTERRUPTED, S.SUCCEEDED}),
     S.RUNNING: frozenset(
         {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.STALLED, S.RECOVERING, S.INTERRUPTED}
     ),

@@ -125,7 +125,9 @@ class Daemon:
         return wait_until(reached, timeout, interval, f"job {ref} to reach {states}")
 
     def submit(self, path: Path, **kw) -> dict:
-        return self.call("submit", text=Path(path).read_text(), source=str(path), **kw)
+        # a kohya job's submit runs sd-scripts' own argument parser: seconds
+        with self.client(timeout=330) as c:
+            return c.call("submit", text=Path(path).read_text(), source=str(path), **kw)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None:

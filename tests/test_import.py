@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgymctl.fluxgym import read_script
+from fluxgymd.fluxgym import read_script
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "peers" / "fluxgym" / "examples" \
     / "mylora"
@@ -78,8 +78,13 @@ def test_missing_paths_are_named_with_their_flags_and_unmatched_settings_listed(
     assert "no counterpart: --network_args train_blocks=single" in r.stderr
     doc = tomllib.loads(r.stdout)
     assert doc["train"]["optimizer_type"] == "Adafactor" and doc["train"]["fp8_base"] is True
-    r = run_import(str(EXAMPLES / "train_20.sh"))
-    assert r.returncode == 2 and "--as-lora" in r.stderr  # the kohya kind is not built yet
+    r = run_import(str(EXAMPLES / "train_20.sh"))  # a kohya job: the same arguments
+    assert r.returncode == 0, r.stderr
+    doc = tomllib.loads(r.stdout)
+    args = doc["kohya"]["args"]
+    assert doc["job"]["kind"] == "kohya" and doc["kohya"]["script"] == "flux_train_network.py"
+    assert args[args.index("--optimizer_type") + 1] == "adamw8bit" and "--output_dir" not in args
+    assert "not found here: --clip_l" in r.stderr and "fluxgymd writes to the job's" in r.stderr
 
 
 @pytest.mark.parametrize("preset", [12, 16, 20])

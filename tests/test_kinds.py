@@ -13,9 +13,13 @@ def test_a_command_job_runs_its_argv_and_reads_tqdm_only_when_asked(tmp_path):
     job = {"kind": "command", "spec": spec, "output_dir": str(tmp_path), "name": "c"}
     kind = kind_of(job)
     assert kind.command(job) == (["echo", "hi"], {"A": "1"}, None)
-    assert kind.parses_tqdm(spec) and not kind.speaks_contract and kind.runs_any_program
+    assert not kind.speaks_contract and kind.runs_any_program
+    parse = kind.output_parser(spec)
+    assert parse(["epoch 1", " 10%|#  | 1/10 [00:01<00:09,  1.00it/s]"], " 20%|## | 2/10 [00:02<00"
+                 ":08,  1.00it/s]")[0]["step"] == 2  # the newest bar, even half drawn
+    assert parse(["no bar here"], "") == []
     spec["command"]["progress"] = "none"
-    assert not kind.parses_tqdm(spec) and kind.result(job) is None
+    assert kind.output_parser(spec) is None and kind.result(job) is None
 
 
 def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
@@ -36,6 +40,6 @@ def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
 
 def test_every_kind_the_job_files_accept_has_a_home():
     from fluxgymd import jobspec
-    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora"}
+    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya"}
     with pytest.raises(KeyError):
         kind_of({"kind": "slurm-magic"})

@@ -73,3 +73,13 @@ def test_epoch_and_step_states_order_by_the_step_they_hold(tmp_path):
     write_state(tmp_path / "mylora-000001-state", 25, epoch=1)
     write_state(tmp_path / "mylora-step00000020-state", 20)
     assert [s.kind for s in state_folders(str(tmp_path), "mylora")] == ["epoch", "step"]
+
+
+def test_the_end_state_is_never_resumed_the_newest_step_state_is(tmp_path):
+    """`<name>-state` is saved after the last step; sd-scripts refuses to resume at
+    max_train_steps, so a run that died before writing its final model would crash forever."""
+    write_state(tmp_path / "mylora-state", 40)
+    assert resume_args(str(tmp_path), "mylora") == []  # nothing else: start over
+    write_state(tmp_path / "mylora-step00000030-state", 30)
+    assert resume_args(str(tmp_path), "mylora")[:2] == [
+        "--resume", str(tmp_path / "mylora-step00000030-state")]

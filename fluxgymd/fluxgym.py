@@ -194,6 +194,73 @@ def as_lora(script: Script, maps: list[tuple[str, str]], name: str | None = None
     return Imported(out_name, train, missing, no_counterpart)
 
 
+@dataclass
+class ImportedKohya:
+    name: str
+    kohya: dict  # the job's [kohya] section
+    missing: list[str]  # "--flag: path" that do not exist here
+    dataset_copy: str | None  # the dataset.toml text with its paths remapped, when they were
+    notes: list[str]
+
+
+def as_kohya(script: Script, maps: list[tuple[str, str]], name: str | None = None,
+             sd_scripts: str | None = None) -> ImportedKohya:
+    """The script as a kind = "kohya" job: the same arguments for the same sd-scripts, paths
+    remapped, --output_dir left to fluxgymd (it owns the job's folder)."""
+    args: list[str] = []
+    missing: list[str] = []
+    notes: list[str] = []
+    for flag in dict.fromkeys(script.order):
+        values = list(script.args[flag])
+        if flag == "output_dir":
+            notes.append(f"--output_dir {values[0] if values else ''}: fluxgymd writes to the "
+                         "job's own folder instead")
+            continue
+        if flag in PATH_FLAGS and values:
+            values = [remap(values[0], maps)] + values[1:]
+            if not os.path.exists(values[0]):
+                missing.append(f"--{flag}: {values[0]}")
+        args += ["--" + flag, *values]
+    dataset_copy = None
+    config = _one(script.args, "dataset_config")
+    if config:
+        config = remap(config, maps)
+        try:
+            with open(config, encoding="utf-8") as fh:
+                text = fh.read()
+            doc = tomllib.loads(text)
+        except (OSError, tomllib.TOMLDecodeError):
+            doc, text = {}, ""
+        for ds in doc.get("datasets") or []:
+            for sub in ds.get("subsets") or []:
+                old = sub.get("image_dir")
+                if isinstance(old, str):
+                    new = remap(old, maps)
+                    if new != old:
+                        text = text.replace(f"'{old}'", f"'{new}'").replace(f'"{old}"',
+                                                                            f'"{new}"')
+                        dataset_copy = text
+                    if not os.path.isdir(new):
+                        missing.append(f"image_dir in {config}: {new}")
+    here = os.path.dirname(os.path.abspath(script.path))
+    if sd_scripts is None:
+        # FluxGym runs outputs/<name>/train.sh from its own folder, two levels up
+        root = os.path.normpath(os.path.join(here, "..", ".."))
+        sd_scripts = os.path.normpath(os.path.join(root, os.path.dirname(script.script)))
+    if not os.path.isfile(os.path.join(sd_scripts, os.path.basename(script.script))):
+        missing.append(f"sd-scripts checkout (--sd-scripts): {sd_scripts}")
+    kohya: dict = {"sd_scripts": sd_scripts, "script": os.path.basename(script.script),
+                   "args": args}
+    launch = script.launcher
+    if launch.get("mixed_precision"):
+        kohya["mixed_precision"] = launch["mixed_precision"][0]
+    threads = (launch.get("num_cpu_threads_per_process") or [""])[0]
+    if threads.isdigit():
+        kohya["num_cpu_threads_per_process"] = int(threads)
+    out_name = name or _one(script.args, "output_name") or os.path.basename(here)
+    return ImportedKohya(out_name, kohya, missing, dataset_copy, notes)
+
+
 def _dataset(path: str, maps, train: dict, missing: list[str], no_counterpart: list[str]):
     try:
         with open(path, "rb") as fh:

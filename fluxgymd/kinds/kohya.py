@@ -1,0 +1,306 @@
+"""kind = "kohya": kohya sd-scripts (what FluxGym runs), in its own Python, supervised like a
+lora job.
+
+fluxgymd owns the run's folder and its checkpoints: it makes sd-scripts save state often
+enough, resumes every attempt from the newest complete state folder (never a torn one, never
+the end state), and never runs again a run whose final model exists. sd-scripts runs under
+kohya_launcher.py, which fixes from outside what sd-scripts lacks for supervision (a save on
+SIGTERM, the step count on resume; see that file). Progress, phases, checkpoints and samples
+are read from what sd-scripts prints and the launcher adds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .. import kohya_state
+from ..fluxgym import FluxGymImportError, read_script
+from ..progress import parse_tqdm
+from . import JobKind
+
+LAUNCHER = str(Path(__file__).with_name("kohya_launcher.py"))
+KEYS = {"sd_scripts": str, "python": str, "script": str, "args": list, "train_script": str,
+        "env": dict, "save_every_n_steps": int, "mixed_precision": str,
+        "num_cpu_threads_per_process": int}
+TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", int: "an integer"}
+DEFAULT_SCRIPT = "flux_train_network.py"
+CHECK_TIMEOUT_S = 300.0
+# The venvs FluxGym and sd-scripts' own instructions make, in the order they are tried
+VENVS = ("venv/bin/python", ".venv/bin/python", "../env/bin/python", "../venv/bin/python")
+# What fluxgymd decides for every attempt: a value given in the job is replaced
+MANAGED = {"--output_dir": 1, "--resume": 1, "--skip_until_initial_step": 0,
+           "--initial_step": 1, "--initial_epoch": 1}
+TAG = "fluxgymd-kohya:"
+_BAR_END = re.compile(r"\|\s*\d+/\d+ \[[^\]]*\]")
+PHASES = [  # sd-scripts' log lines (with --console_log_simple, one line each)
+    ("caching", re.compile(r"caching latents|caching text encoder outputs", re.I)),
+    ("saving", re.compile(r"saving checkpoint:|saving state at|saving last state|"
+                          r"save train state to", re.I)),
+    ("sampling", re.compile(r"generating sample images", re.I)),
+    ("loading", re.compile(r"loading dataset config|prepare images|building (flux|clip|t5|"
+                           r"autoencoder)|loading state dict|prepare optimizer|"
+                           r"import network module|resume training from", re.I)),
+    ("training", re.compile(r"^epoch \d+/\d+")),
+]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The last value given to --name (argparse keeps the last)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def without(args: list[str], names: dict[str, int]) -> list[str]:
+    """args less the flags in `names` (name -> how many values follow it)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        head = a.split("=", 1)[0]
+        if head in names:
+            i += 1 + (names[head] if "=" not in a else 0)
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def output_name(job: dict[str, Any]) -> str:
+    return flag(job["spec"]["kohya"]["args"], "--output_name") or job["name"]
+
+
+def model_ext(args: list[str]) -> str:
+    return "." + (flag(args, "--save_model_as") or "safetensors")
+
+
+def _python(sd_scripts: Path, given: str | None, base: Path, errors: list[str]) -> str:
+    if given:
+        path = given if "/" not in given else os.path.normpath(base / given)
+        found = shutil.which(path) if "/" not in path else path
+        if not found or not os.access(found, os.X_OK):
+            errors.append(f"kohya.python: {path} is not an executable Python")
+        return found or path
+    for rel in VENVS:
+        cand = os.path.normpath(sd_scripts / rel)
+        if os.access(cand, os.X_OK):
+            return cand
+    for name in ("python3", "python"):
+        if (found := shutil.which(name)):
+            return found
+    errors.append(f"kohya.python: no venv in {sd_scripts} ({', '.join(VENVS)}) and no python "
+                  "on the daemon's PATH; set kohya.python to sd-scripts' Python")
+    return ""
+
+
+class KohyaKind(JobKind):
+    name = section = "kohya"
+    speaks_contract = True  # judged by the steps and phases read from its output
+
+    def validate(self, section, base, errors, defaults):
+        if not isinstance(section, dict):
+            errors.append("a kohya job needs a [kohya] section with sd_scripts = \"DIR\" and "
+                          "args = [...] or train_script = \"train.sh\" (see etc/jobs/kohya.toml)")
+            return {}
+        for key, value in section.items():
+            want = KEYS.get(key)
+            if want is None:
+                errors.append(f"unknown key kohya.{key}; known: {', '.join(KEYS)}")
+            elif not isinstance(value, want) or isinstance(value, bool):
+                errors.append(f"kohya.{key} must be {TYPE_NAMES[want]}, got {value!r:.60}")
+        if any(e.startswith("kohya.") or e.startswith("unknown key kohya.") for e in errors):
+            return {}
+        out: dict[str, Any] = {"env": {}, "mixed_precision": section.get("mixed_precision"),
+                               "num_cpu_threads_per_process":
+                                   section.get("num_cpu_threads_per_process")}
+        sd = section.get("sd_scripts")
+        if not sd:
+            errors.append("missing kohya.sd_scripts: the folder of your sd-scripts checkout")
+            return {}
+        sd_path = Path(os.path.normpath(base / os.path.expanduser(sd)))
+        out["sd_scripts"] = str(sd_path)
+        if not sd_path.is_dir():
+            errors.append(f"kohya.sd_scripts: {sd_path} is not a folder")
+            return {}
+        args = section.get("args")
+        script = section.get("script")
+        if "train_script" in section and args is not None:
+            errors.append("give kohya.args or kohya.train_script, not both")
+        elif "train_script" in section:
+            path = os.path.normpath(base / section["train_script"])
+            try:
+                read = read_script(path)
+            except FluxGymImportError as e:
+                errors.append(f"kohya.train_script: {e}")
+                return {}
+            args = [x for key in dict.fromkeys(read.order)
+                    for x in ["--" + key, *read.args[key]]]
+            script = script or os.path.basename(read.script)
+            launch = read.launcher
+            if out["mixed_precision"] is None and launch.get("mixed_precision"):
+                out["mixed_precision"] = launch["mixed_precision"][0]
+            if out["num_cpu_threads_per_process"] is None and \
+                    launch.get("num_cpu_threads_per_process", [""])[0].isdigit():
+                out["num_cpu_threads_per_process"] = int(launch["num_cpu_threads_per_process"][0])
+            out["train_script"] = path
+        elif args is None:
+            errors.append("missing kohya.args (sd-scripts' arguments, as a list) or "
+                          "kohya.train_script (a FluxGym train.sh or train.bat)")
+            return {}
+        if not all(isinstance(a, str) for a in args):
+            errors.append("kohya.args must hold only strings")
+            return {}
+        out["args"] = list(args)
+        out["script"] = script = script or DEFAULT_SCRIPT
+        if "/" in script or not (sd_path / script).is_file():
+            errors.append(f"kohya.script: {sd_path / script} does not exist (give a script "
+                          "name in the checkout, e.g. flux_train_network.py)")
+        out["python"] = _python(sd_path, section.get("python"), base, errors)
+        env = section.get("env", {})
+        for k, v in env.items():
+            if not isinstance(v, str):
+                errors.append(f"kohya.env.{k} must be a string, got {v!r:.60}")
+        out["env"] = dict(env)
+        every = section.get("save_every_n_steps")
+        if every is not None and every < 1:
+            errors.append(f"kohya.save_every_n_steps must be 1 or more, got {every}")
+        out["save_every_n_steps"] = every or defaults.get("kohya.save_every_n_steps", 100)
+        return out
+
+    def check(self, spec, outputs_dir):
+        """sd-scripts' own parser, run in its own Python, judges the arguments."""
+        k = spec["kohya"]
+        warnings = [f"{name} in the arguments is replaced: fluxgymd decides it for each attempt"
+                    for name in MANAGED if flag(k["args"], name) is not None
+                    or name in k["args"]]
+        if flag(k["args"], "--seed") is None:
+            warnings.append("no --seed: sd-scripts draws a new random seed in every attempt, so "
+                            "a resumed run cannot continue exactly; add --seed N")
+        args = self.arguments(k, os.path.join(outputs_dir, spec["name"]), spec["name"])
+        argv = [k["python"], LAUNCHER, "--check", str(Path(k["sd_scripts"]) / k["script"]),
+                *args]
+        try:
+            proc = subprocess.run(argv, cwd=k["sd_scripts"], env={**os.environ, **k["env"]},
+                                  capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return [f"could not run sd-scripts' argument check with {k['python']}: {e}"], []
+        try:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            return [f"sd-scripts' argument check failed with {k['python']} (exit "
+                    f"{proc.returncode}): {tail or 'no output'}"], warnings
+        return list(result.get("errors", [])), warnings
+
+    @staticmethod
+    def arguments(k: dict[str, Any], out: str, name: str) -> list[str]:
+        """The job's arguments with what fluxgymd manages: its folder, the name, state saves
+        often enough, at least two states kept, one log line per record."""
+        args = without(k["args"], MANAGED) + ["--output_dir", out]
+        if flag(args, "--output_name") is None:
+            args += ["--output_name", name]
+        if "--save_state" not in args:
+            args.append("--save_state")
+        every = flag(args, "--save_every_n_steps")
+        if every is None or not every.isdigit():
+            args = without(args, {"--save_every_n_steps": 1})
+            every = str(k["save_every_n_steps"])
+            args += ["--save_every_n_steps", every]
+        # sd-scripts counts it in steps: removes the state older than (this) steps
+        keep = flag(args, "--save_last_n_steps_state")
+        need = 2 * int(every)
+        if keep is None or not keep.isdigit() or int(keep) < need:
+            args = without(args, {"--save_last_n_steps_state": 1})
+            args += ["--save_last_n_steps_state", str(need)]
+        if not any(a.startswith("--console_log") for a in args):
+            args.append("--console_log_simple")
+        return args
+
+    def command(self, job):
+        k, out = job["spec"]["kohya"], job["output_dir"]
+        args = self.arguments(k, out, job["name"])
+        args += kohya_state.resume_args(out, output_name(job))
+        env = dict(k["env"])
+        if k.get("mixed_precision"):
+            env.setdefault("ACCELERATE_MIXED_PRECISION", k["mixed_precision"])
+        if k.get("num_cpu_threads_per_process"):
+            env.setdefault("OMP_NUM_THREADS", str(k["num_cpu_threads_per_process"]))
+        return ([k["python"], LAUNCHER, str(Path(k["sd_scripts"]) / k["script"]), *args],
+                env, k["sd_scripts"])
+
+    def output_parser(self, spec):
+        return KohyaOutput()
+
+    def finished(self, job):
+        return kohya_state.finished(job["output_dir"], output_name(job),
+                                    model_ext(job["spec"]["kohya"]["args"]))
+
+    def result(self, job):
+        if not self.finished(job):
+            return None
+        return os.path.join(job["output_dir"],
+                            output_name(job) + model_ext(job["spec"]["kohya"]["args"]))
+
+
+class KohyaOutput:
+    """sd-scripts' output → events, in the order they were printed; of its `steps:` bars only
+    the newest of a batch counts."""
+
+    def __call__(self, lines: list[str], pending: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        self._bar_at: int | None = None
+        for line in [*lines, pending]:
+            for segment in line.split("\r"):
+                self._segment(segment.strip(), events)
+        return events
+
+    def _segment(self, text: str, events: list[dict[str, Any]]) -> None:
+        if not text:
+            return
+        if text.startswith("steps:"):
+            # a bar is drawn without a newline: what is printed next lands on its line
+            end = _BAR_END.search(text)
+            bar, rest = (text[:end.end()], text[end.end():]) if end else (text, "")
+            ev = parse_tqdm(bar)
+            if ev:
+                if self._bar_at is not None:
+                    events.pop(self._bar_at)
+                self._bar_at = len(events)
+                events.append(ev)
+            self._segment(rest.strip(), events)
+            return
+        if TAG in text:
+            head, _, tail = text.partition(TAG)
+            self._segment(head.strip(), events)
+            ev = self._marker(tail.strip())
+            if ev:
+                events.append(ev)
+            return
+        for phase, rx in PHASES:
+            if rx.search(text):
+                events.append({"event": "phase", "phase": phase})
+                return
+
+    @staticmethod
+    def _marker(text: str) -> dict[str, Any] | None:
+        if text.startswith("state saved "):
+            path = text[len("state saved "):]
+            if kohya_state.why_incomplete(path) is not None:
+                return None
+            try:
+                with open(os.path.join(path, kohya_state.TRAIN_STATE), encoding="utf-8") as fh:
+                    step = int(json.load(fh)["current_step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            return {"event": "checkpoint", "path": path, "step": step}
+        if text.startswith("sample "):
+            return {"event": "sample", "path": text[len("sample "):]}
+        return None
