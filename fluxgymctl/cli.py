@@ -66,8 +66,69 @@ def ping(ctx: Ctx) -> None:
          "refused (allow_command_jobs is off)"),
         ("runtime dir", r["runtime_dir"]),
         ("state dir", r["state_dir"]), ("outputs", r["outputs_dir"]),
+        ("alerts", _alerts_line(r.get("alerts") or {})),
+        ("hooks", _hooks_line(r.get("alerts") or {})),
         ("round trip", f"{r['round_trip_ms']:.1f} ms"),
     ])
+
+
+@cli.command(short_help="GPU utilization, memory, temperature and power, with their jobs.")
+@command
+def gpus(ctx: Ctx) -> None:
+    """Every GPU as fluxgymd reads it through NVML, and which job runs on which. Without
+    NVML it says why there is nothing to show."""
+    r = ctx.call("gpus")
+    if ctx.json:
+        return render.emit_json(r)
+    if not r["gpus"]:
+        click.echo(f"no GPU figures: {r['why']}")
+        return
+    render.table(r["gpus"], [
+        ("index", "GPU", lambda g: str(g["index"])),
+        ("name", "NAME", lambda g: g.get("name") or "-"),
+        ("utilization", "UTIL", lambda g: "-" if g["utilization"] is None
+         else f"{g['utilization']:.0f}%"),
+        ("memory", "MEMORY GiB", lambda g: f"{render.gib(g['memory_used'])}/"
+         f"{render.gib(g['memory_total'])}"),
+        ("temperature", "TEMP", lambda g: "-" if g["temperature"] is None
+         else f"{g['temperature']:.0f}°C"),
+        ("power", "POWER W", lambda g: "-" if g["power_w"] is None else
+         f"{g['power_w']:.0f}" + (f"/{g['power_limit_w']:.0f}" if g["power_limit_w"] else "")),
+        ("jobs", "JOBS", lambda g: ", ".join(f"{j['id']} {j['name']}" for j in g["jobs"])
+         or "-"),
+    ])
+
+
+@cli.command("web-url", short_help="The dashboard's login URL (with its token).")
+@command
+def web_url(ctx: Ctx) -> None:
+    """Print the dashboard's URL with its token. Open it in a browser; on a rented pod reach it
+    through an SSH tunnel (ssh -L 8377:127.0.0.1:8377 pod) or the provider's HTTP port."""
+    r = ctx.call("web_url")
+    if ctx.json:
+        return render.emit_json(r)
+    click.echo(r["url"])
+
+
+def _alerts_line(a: dict) -> str:
+    w = a.get("webhook") or {}
+    if not w.get("configured"):
+        return "off (no url under [notify])"
+    text = (f"{w['target']} on {', '.join(w['events'])}: {w['sent']} sent, {w['failed']} "
+            f"failed")
+    if w.get("pending"):
+        text += f", {w['pending']} pending"
+    if w.get("last_error"):
+        text += f"; last failure at {render.when(w['last_error_at'])}: {w['last_error']}"
+    return text
+
+
+def _hooks_line(a: dict) -> str:
+    h = a.get("hooks") or {}
+    if not h.get("configured"):
+        return "none"
+    text = f"{', '.join('on_' + e for e in h['configured'])}: {h['ran']} ran, {h['failed']} failed"
+    return text + (f"; last: {h['last_error']}" if h.get("last_error") else "")
 
 
 @cli.command()
@@ -210,6 +271,9 @@ def show(ctx: Ctx, job: str) -> None:
                      f"{j['watchdog']['no_progress']}, step limit "
                      f"{render.duration(j['watchdog']['step_limit_s'])}"),
         ("GPU rule", j["watchdog"]["gpu"]),
+        ("GPUs", "; ".join(render.gpu_line(g) for g in j.get("gpus") or []) or
+         ("- (not running)" if j["state"] not in ("running", "stalled") else
+          f"- ({j['watchdog']['gpu']})")),
         ("memory", render.memory_plan(j.get("memory_plan"))),
         ("output dir", j["output_dir"]),
         ("LoRA", j.get("lora") or "-"),
@@ -308,5 +372,7 @@ def main() -> None:
 
 
 # queue control lives in its own module; importing it registers its commands on `cli`
+from . import alerts as _alerts  # noqa: E402,F401
 from . import importer as _importer  # noqa: E402,F401
 from . import queue as _queue  # noqa: E402,F401
+from . import top as _top  # noqa: E402,F401

@@ -32,14 +32,15 @@ class Ctx:
         return self._client
 
     def call(self, op: str, **args: Any) -> Any:
-        # a kohya job is checked by sd-scripts' own parser at submit: seconds, not ms
-        timeout = max(self.client.timeout, SUBMIT_TIMEOUT_S) if op == "submit" else None
+        # a kohya job is checked by sd-scripts' own parser at submit (seconds, not ms), and a
+        # test alert waits out the webhook's retries
+        timeout = max(self.client.timeout, SLOW_OPS[op]) if op in SLOW_OPS else None
         result = self.client.call(op, timeout=timeout, **args)
         self.reached = True
         return result
 
 
-SUBMIT_TIMEOUT_S = 330.0
+SLOW_OPS = {"submit": 330.0, "notify_test": 3600.0}
 
 
 def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:

@@ -159,3 +159,24 @@ def steps(job: dict[str, Any]) -> str:
     if job.get("step") is None:
         return "-"
     return f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else str(job["step"])
+
+
+# --- GPUs --------------------------------------------------------------------------------
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def gpu_line(g: dict[str, Any]) -> str:
+    """`GPU 0 NVIDIA H200: 97% busy, 61.2/139.8 GiB, 64°C, 512/700 W`"""
+    parts = []
+    if g.get("utilization") is not None:
+        parts.append(f"{g['utilization']:.0f}% busy")
+    if g.get("memory_total"):
+        parts.append(f"{gib(g.get('memory_used'))}/{gib(g['memory_total'])} GiB")
+    if g.get("temperature") is not None:
+        parts.append(f"{g['temperature']:.0f}°C")
+    if g.get("power_w") is not None:
+        limit = f"/{g['power_limit_w']:.0f}" if g.get("power_limit_w") else ""
+        parts.append(f"{g['power_w']:.0f}{limit} W")
+    name = f" {g['name']}" if g.get("name") else ""
+    return f"GPU {g['index']}{name}: " + (", ".join(parts) or "no figures")

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-command-jobs", action="store_const", const=True,
                    help="run kind = \"command\" jobs (any program, as this daemon's user); "
                    "off unless set here or in the config")
+    p.add_argument("--web", metavar="HOST:PORT", dest="listen",
+                   help="serve the dashboard here (config: listen under [web]; off by default)")
     p.add_argument("--version", action="version", version=f"fluxgymd {__version__}")
     return p.parse_args(argv)
 
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_dir": args.state_dir, "runtime_dir": args.runtime_dir,
         "outputs_dir": args.outputs_dir, "max_concurrent_jobs": args.max_concurrent_jobs,
         "log_level": args.log_level, "allow_command_jobs": args.allow_command_jobs,
+        "listen": args.listen,
     }
     try:
         cfg = load(args.config, flags)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .alerts import EVENTS, FORMATS, HooksConfig, NotifyConfig, parse_events, read_secret
 from .paths import default_dirs
 from .protocol import CONTROL_SOCKET, MAX_IPC_PATH
 from .watchdog import LIMIT_NAMES, Limits
@@ -19,6 +20,9 @@ from .watchdog import LIMIT_NAMES, Limits
 
 class ConfigError(Exception):
     pass
+
+
+HOOK_EVENTS = EVENTS + ("idle",)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,23 @@ KEYS = [
     Key("watchdog", "gpu_probe", str, "auto"),
     Key("watchdog", "gpu_poll_s", float, 5.0, minimum=0.1),
     Key("kohya", "save_every_n_steps", int, 100, minimum=1),
+    Key("notify", "url", str, ""),
+    Key("notify", "url_file", str, ""),
+    Key("notify", "format", str, "json"),
+    Key("notify", "events", str, "stalled,failed,succeeded,drained"),
+    Key("notify", "token", str, ""),
+    Key("notify", "token_file", str, ""),
+    Key("notify", "timeout_s", float, 10.0, minimum=0.1),
+    Key("notify", "retries", int, 5, minimum=0),
+    Key("notify", "backoff_s", float, 2.0, minimum=0),
+    Key("hooks", "timeout_s", float, 60.0, minimum=0.1),
+    Key("web", "listen", str, ""),
+    Key("web", "trust_loopback", bool, False),
+    Key("web", "token_file", str, ""),
+    Key("web", "base_path", str, ""),
+    Key("hooks", "idle_after_s", float, 600.0, minimum=0),
 ]
+KEYS += [Key("hooks", f"on_{event}", str, "") for event in HOOK_EVENTS]
 # The watchdog's thresholds: one source of names and defaults, watchdog.Limits.
 KEYS += [Key("watchdog", name, type(getattr(Limits(), name)), getattr(Limits(), name), minimum=0)
          for name in LIMIT_NAMES]
@@ -130,6 +150,14 @@ def read_file(path: Path) -> dict[tuple[str, str], Any]:
     return out
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    listen: str = ""  # HOST:PORT; empty: no dashboard
+    trust_loopback: bool = False
+    token_file: str = ""
+    base_path: str = ""
+
+
 @dataclass
 class Config:
     state_dir: Path
@@ -147,6 +175,9 @@ class Config:
     gpu_probe: str
     gpu_poll_s: float
     kohya_save_every_n_steps: int = 100
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    web: WebConfig = field(default_factory=lambda: WebConfig())
     config_file: Path | None = None
 
     @property
@@ -200,6 +231,10 @@ def load(
         gpu_probe=values["watchdog.gpu_probe"],
         gpu_poll_s=values["watchdog.gpu_poll_s"],
         kohya_save_every_n_steps=values["kohya.save_every_n_steps"],
+        web=_web(values, resolved["state_dir"]),
+        notify=_notify(values), hooks=HooksConfig(
+            commands={e: values[f"hooks.on_{e}"] for e in HOOK_EVENTS if values[f"hooks.on_{e}"]},
+            timeout_s=values["hooks.timeout_s"], idle_after_s=values["hooks.idle_after_s"]),
         config_file=Path(path) if path else None,
     )
     sock = str(cfg.runtime_dir / CONTROL_SOCKET)
@@ -210,3 +245,37 @@ def load(
             "choose a shorter --runtime-dir"
         )
     return cfg
+
+
+def _notify(values: dict[str, Any]) -> NotifyConfig:
+    fmt = values["notify.format"]
+    if fmt not in FORMATS:
+        raise ConfigError(f"notify.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    try:
+        events = parse_events(values["notify.events"])
+        url = read_secret(values["notify.url"], values["notify.url_file"], "notify.url_file")
+        token = read_secret(values["notify.token"], values["notify.token_file"],
+                            "notify.token_file")
+    except ValueError as e:
+        raise ConfigError(f"notify: {e}") from None
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError("notify.url must start with http:// or https:// (the value is not "
+                          "shown: it may hold a secret)")
+    return NotifyConfig(url=url, format=fmt, events=events, token=token,
+                        timeout_s=values["notify.timeout_s"], retries=values["notify.retries"],
+                        backoff_s=values["notify.backoff_s"])
+
+
+def _web(values: dict[str, Any], state_dir: Path) -> WebConfig:
+    listen = values["web.listen"].strip()
+    if listen:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"web.listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8377")
+    base = values["web.base_path"].strip()
+    if base and not all(part and all(c.isalnum() or c in "-_." for c in part)
+                        for part in base.strip("/").split("/")):
+        raise ConfigError(f"web.base_path {base!r}: use a path like /fluxgymd")
+    token_file = values["web.token_file"] or str(state_dir / "web-token")
+    return WebConfig(listen=listen, trust_loopback=values["web.trust_loopback"],
+                     token_file=str(Path(token_file).expanduser()), base_path=base)

@@ -26,6 +26,7 @@ from . import __version__
 from .config import Config
 from .joblog import JobLog
 from .journal import Journal
+from .alerts import Alerts
 from .notify import Notifier, summary
 from .operations import Operations
 from .probes import make_gpu_probe
@@ -69,6 +70,10 @@ class Daemon(Runs, Stalls, Operations):
         self.max_concurrent = cfg.max_concurrent_jobs
         self.paused = False
         self.notifier = Notifier()
+        self.alerts = Alerts(cfg.notify, cfg.hooks)
+        # ("stall", rule) and ("restart", why) since this daemon started, for /metrics
+        self.counters: collections.Counter = collections.Counter()
+        self.web = None  # the dashboard (web.py), when [web] listen is set
         self._locks: list[int] = []
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -165,6 +170,8 @@ class Daemon(Runs, Stalls, Operations):
             self._transition(job["id"], S.QUEUED, "requeued after fluxgymd restart")
         self.restoring.clear()
         self.restored.set()
+        counts = self.store.counts()  # arms on_idle when there is nothing to do at start
+        self.alerts.on_queue(sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED}))
         self.schedule()
 
     # --- the loop -------------------------------------------------------------------
@@ -183,11 +190,17 @@ class Daemon(Runs, Stalls, Operations):
         log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent)",
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
                  self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
+        self.alerts.start()
+        if self.cfg.web.listen:
+            from .web import Web  # aiohttp's server only when the dashboard is on
+            self.web = Web(self)
+            await self.web.start()
         self.notifier.ready(self._summary())
         await self._stop.wait()
         if not restore.done():
             await restore  # leftovers are killed either way; let it record them
         await self.shutdown()
+        await self.alerts.close()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -202,6 +215,8 @@ class Daemon(Runs, Stalls, Operations):
 
     async def shutdown(self) -> None:
         self.stopping = True
+        if self.web is not None:
+            await self.web.close()
         active = [r for r in self.runs.values() if r.child is not None]
         log.info("stopping: asking %d job(s) to checkpoint and exit", len(active))
         self.notifier.stopping(f"stopping; waiting for {len(active)} job(s) to checkpoint")
@@ -256,18 +271,27 @@ class Daemon(Runs, Stalls, Operations):
         return job
 
     def _announce(self, job: dict[str, Any]) -> None:
-        """A job changed state: tell subscribers and systemd."""
-        self._publish(TOPIC_STATE, self._view(job))
-        self.notifier.status(self._summary())
+        """A job changed state: tell subscribers, systemd, and the alerts and hooks (not for
+        the jobs a stopping daemon interrupts: that is no news)."""
+        view = self._view(job)
+        self._publish(TOPIC_STATE, view)
+        counts = self.store.counts()
+        self.notifier.status(self._summary(counts))
+        if not self.stopping:
+            self.alerts.on_state(view)
+            self.alerts.on_queue(sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED}))
 
-    def _summary(self) -> str:
-        return summary(self.store.counts()) + ("; queue paused" if self.paused else "")
+    def _summary(self, counts: dict[str, int] | None = None) -> str:
+        return summary(counts if counts is not None else self.store.counts()) + \
+            ("; queue paused" if self.paused else "")
 
     def _view(self, job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         run = self.runs.get(job["id"])
         return job_view(job, now, run.pace if run is not None else None)
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
+        if self.web is not None:
+            self.web.publish(topic, obj)
         try:
             self.pub.send_multipart([topic, encode(obj)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:

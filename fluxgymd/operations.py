@@ -34,6 +34,8 @@ class Operations:
             "retry": self.op_retry, "logs": self.op_logs, "metrics": self.op_metrics,
             "remove": self.op_remove, "clean": self.op_clean, "pause": self.op_pause,
             "resume": self.op_resume, "move": self.op_move, "config": self.op_config,
+            "notify_test": self.op_notify_test, "gpus": self.op_gpus,
+            "web_url": self.op_web_url,
         }
 
     def _find(self, ref: str) -> dict[str, Any]:
@@ -48,7 +50,24 @@ class Operations:
                 "max_concurrent_jobs": self.max_concurrent,
                 "allow_command_jobs": self.cfg.allow_command_jobs, "paused": self.paused,
                 "restoring": sorted(self.restoring),
-                "summary": self._summary(), "stopping": self.stopping}
+                "summary": self._summary(), "stopping": self.stopping,
+                "alerts": self.alerts.status()}
+
+    async def op_notify_test(self, args) -> dict[str, Any]:
+        """Send one test alert through the configured webhook and say how it went."""
+        fut = self.alerts.webhook.submit("test", None, wait=True)
+        if fut is None:
+            raise FluxgymError(ErrorCode.INVALID_STATE, "no webhook is configured: set url (or "
+                               "url_file) under [notify] in fluxgymd.toml, or "
+                               "FLUXGYM_NOTIFY_URL, and restart fluxgymd")
+        n = self.cfg.notify
+        patience = n.timeout_s * (n.retries + 1) + sum(
+            min(n.backoff_s * 2 ** i, 300.0) for i in range(n.retries)) + 5
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), patience)
+        except asyncio.TimeoutError:
+            return {"ok": False, "error": f"no outcome within {patience:.0f}s (still queued "
+                    "behind other alerts?)", "target": self.alerts.webhook.where}
 
     def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
         """Why this job may not run here, or None. A command job is any program run as the
@@ -125,7 +144,40 @@ class Operations:
             "step_limit_s": run.watch.step_limit() if run and run.watch else limits.stall_floor_s,
             "limits": dataclasses.asdict(limits),
         }
+        view["gpus"] = [g for g in self._gpu_stats() if any(
+            j["id"] == job["id"] for j in g["jobs"])] if run is not None else []
         return view
+
+    def _gpu_stats(self) -> list[dict[str, Any]]:
+        """Every GPU's figures, with the jobs running on it (a job without
+        CUDA_VISIBLE_DEVICES counts as on all of them)."""
+        stats = self.gpu.stats()
+        for g in stats:
+            g["jobs"] = []
+        for job_id, run in self.runs.items():
+            job = self.store.get(job_id)
+            for g in stats:
+                if run.gpus is None or g["index"] in run.gpus:
+                    g["jobs"].append({"id": job_id, "name": job["name"]})
+        return stats
+
+    def op_web_url(self, args) -> dict[str, Any]:
+        """The dashboard's login URL, token included: whoever reaches the control socket may
+        drive the daemon anyway, so may open its page."""
+        if self.web is None:
+            raise FluxgymError(ErrorCode.INVALID_STATE, "the dashboard is off: set listen = "
+                               "\"127.0.0.1:8377\" under [web] in fluxgymd.toml (or start "
+                               "fluxgymd with --web 127.0.0.1:8377) and restart it")
+        return {"url": self.web.url(), "listen": f"{self.web.host}:{self.web.port}",
+                "trust_loopback": self.cfg.web.trust_loopback,
+                "token_file": self.cfg.web.token_file}
+
+    def op_gpus(self, args) -> dict[str, Any]:
+        stats = self._gpu_stats()
+        why = "" if stats else (self.gpu.describe() if not self.gpu.available else
+                                f"{self.gpu.describe()}, but it gave no figures")
+        return {"available": bool(stats), "source": self.gpu.describe(), "why": why,
+                "gpus": stats}
 
     def op_cancel(self, args) -> dict[str, Any]:
         job = self._find(args["job"])

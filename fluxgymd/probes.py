@@ -1,4 +1,5 @@
-"""Readings for the watchdog: GPU utilization, process state, OOM kills.
+"""Readings for the watchdog and the views: GPU utilization and stats, process state, OOM
+kills.
 
 The GPU comes through a small interface so tests can script it: NVML on a machine with
 NVIDIA GPUs (nvidia-ml-py), a file for tests and unusual setups, or nothing — in which case
@@ -6,8 +7,10 @@ the GPU rule is off and `fluxgymctl show` says why.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+from typing import Any
 
 import psutil
 
@@ -23,6 +26,22 @@ class GpuProbe:
 
     def describe(self) -> str:
         return "off"
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per GPU: index, name, uuid, utilization and memory utilization (%), memory used
+        and total (bytes), temperature (°C), power and its limit (W); None where unknown."""
+        return []
+
+
+def gpu_record(index: int, **known: Any) -> dict[str, Any]:
+    rec = {k: None for k in GPU_FIELDS}
+    rec.update({k: v for k, v in known.items() if k in GPU_FIELDS})
+    rec["index"] = index
+    return rec
+
+
+GPU_FIELDS = ("index", "name", "uuid", "utilization", "memory_utilization", "memory_used",
+              "memory_total", "temperature", "power_w", "power_limit_w")
 
 
 class NoGpu(GpuProbe):
@@ -58,20 +77,65 @@ class NvmlProbe(GpuProbe):
     def describe(self) -> str:
         return f"on: NVML, {len(self.handles)} GPU(s)"
 
+    def stats(self) -> list[dict[str, Any]]:
+        nv = self.nvml
+        out = []
+        for i, h in enumerate(self.handles):
+            def get(fn, *a):
+                try:
+                    return fn(h, *a)
+                except nv.NVMLError as e:
+                    log.debug("NVML %s of GPU %s failed: %s", fn.__name__, i, e)
+                    return None
+            util, mem = get(nv.nvmlDeviceGetUtilizationRates), get(nv.nvmlDeviceGetMemoryInfo)
+            power, limit = get(nv.nvmlDeviceGetPowerUsage), get(nv.nvmlDeviceGetEnforcedPowerLimit)
+            name = get(nv.nvmlDeviceGetName)
+            uuid = get(nv.nvmlDeviceGetUUID)
+            out.append(gpu_record(
+                i, name=name.decode() if isinstance(name, bytes) else name,
+                uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+                utilization=util.gpu if util else None,
+                memory_utilization=util.memory if util else None,
+                memory_used=mem.used if mem else None, memory_total=mem.total if mem else None,
+                temperature=get(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU),
+                power_w=power / 1000 if power is not None else None,
+                power_limit_w=limit / 1000 if limit is not None else None))
+        return out
+
 
 class FileProbe(GpuProbe):
-    """Utilization in percent, as the number in a file (re-read at every poll)."""
+    """Readings from a file, re-read at every poll (the tests' scripted GPU): a number, the
+    utilization in percent of every GPU, or a JSON list of per-GPU records (GPU_FIELDS)."""
     available = True
 
     def __init__(self, path: str):
         self.path = path
 
-    def read(self, gpus: list[int] | None) -> float | None:
+    def _load(self) -> Any:
         try:
             with open(self.path) as fh:
-                return float(fh.read().strip())
+                return json.loads(fh.read())
         except (OSError, ValueError):
             return None
+
+    def read(self, gpus: list[int] | None) -> float | None:
+        data = self._load()
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+        values = [g.get("utilization") for g in self.stats()
+                  if gpus is None or g["index"] in gpus]
+        values = [v for v in values if isinstance(v, (int, float))]
+        return float(max(values)) if values else None
+
+    def stats(self) -> list[dict[str, Any]]:
+        data = self._load()
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return [gpu_record(0, utilization=float(data))]
+        if not isinstance(data, list):
+            return []
+        return [gpu_record(int(g.get("index", i)),
+                           **{k: v for k, v in g.items() if k != "index"})
+                for i, g in enumerate(data) if isinstance(g, dict)]
 
     def describe(self) -> str:
         return f"on: readings from {self.path}"

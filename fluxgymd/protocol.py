@@ -80,6 +80,9 @@ RUNTIME_SETTINGS = {"max_concurrent_jobs": (1, 64)}
 OPS: dict[str, dict[str, Arg]] = {
     "ping": {},
     "version": {},
+    "notify_test": {},
+    "gpus": {},
+    "web_url": {},
     "submit": {
         "text": Arg(str, required=True, multiline=True),  # the job file's TOML
         "source": Arg(str, default=""),  # its path, for messages and relative paths

@@ -196,6 +196,7 @@ class Runs:
             self._transition(job_id, S.INTERRUPTED, reason, **fields)
             self._transition(job_id, S.QUEUED, "resuming from its checkpoint")
         else:  # restart after a backoff, keeping the job's slot
+            self.counters["restart", run.stall.rule if run.stall else "exit"] += 1
             self._transition(job_id, S.RECOVERING, reason, **fields)
             self.recovering[job_id] = asyncio.get_running_loop().call_later(
                 out.delay_s, self._restart, job_id)

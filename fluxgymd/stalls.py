@@ -44,6 +44,7 @@ class Stalls:
         if not run.child.running:
             return  # it ended on its own meanwhile; _on_exit has judged it
         self._flush_run(run)
+        self.counters["stall", stall.rule] += 1
         self._transition(run.job_id, S.STALLED, stall.reason)
         pid = run.child.pid
         run.log.write([f"=== fluxgymd: stalled: {stall.reason}; capturing diagnostics ==="])

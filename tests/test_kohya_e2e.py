@@ -43,7 +43,10 @@ def kohya():
 
 
 def sd_args(files: Path, dataset_toml: Path) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(files / "flux1-tiny.safetensors"),
+    prompts = dataset_toml.parent / "prompts.txt"
+    prompts.write_text("tinylora, a red square --w 64 --h 64 --s 4 --d 7\n")
+    return ["--sample_prompts", str(prompts), "--sample_every_n_steps", "20",
+            "--pretrained_model_name_or_path", str(files / "flux1-tiny.safetensors"),
             "--clip_l", str(files / "clip_l.safetensors"), "--t5xxl",
             str(files / "t5xxl.safetensors"), "--ae", str(files / "ae.safetensors"),
             "--tokenizer_cache_dir", str(files / "tokenizers"), "--cache_latents_to_disk",
@@ -146,8 +149,12 @@ def test_a_straight_kohya_run_under_fluxgymd(daemon, kohya, straight, short_tmp)
     assert done["lora"] == str(lora) and lora_diff(lora, straight) == 0.0
     assert done["step"] == done["total_steps"] == MAX_STEPS and done["loss"] is not None
     assert done["checkpoint_step"] == MAX_STEPS, (out / "train.log").read_text()[-6000:]
-    [steps] = attempts((out / "train.log").read_text())
+    log = (out / "train.log").read_text()
+    [steps] = attempts(log)
     assert executed(steps) == (0, MAX_STEPS, MAX_STEPS)
+    samples = sorted(p.name for p in (out / "sample").iterdir())
+    assert [n.split("_")[1] for n in samples] == ["000020", "000040"]
+    assert all(f"fluxgymd-kohya: sample {out / 'sample' / n}" in log for n in samples)
     # status, show and metrics show it like a lora job
     show = daemon.ctl("show", "ky-straight", check=True).stdout
     assert "kohya" in show and f"{MAX_STEPS}/{MAX_STEPS}" in show.replace(" ", ""), show

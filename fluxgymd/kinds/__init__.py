@@ -6,12 +6,16 @@ tests `kind ==` itself.
 - command: the next attempt's command line, resume included (each kind resumes its own way);
 - output_parser: how progress, phases, checkpoints and samples are read from its output;
 - finished: whether the run already wrote its final result (then it never runs again);
-- result: that file.
+- result: that file;
+- sample_dir / sample_step: where its sample images appear, and the step of each.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
+
+_STEP_IN_NAME = re.compile(r"(?:step-|_)(\d{6,8})(?:[-_.])")
 
 # (lines, pending) -> normalized progress events (progress.py's shapes), newest last
 OutputParser = Callable[[list[str], str], list[dict[str, Any]]]
@@ -44,6 +48,15 @@ class JobKind:
     def result(self, job: dict[str, Any]) -> str | None:
         """The file a finished job produced, once it exists."""
         return None
+
+    def sample_dir(self, job: dict[str, Any]) -> Path | None:
+        """Where its sample images appear: samples/ in its folder unless the kind says."""
+        return Path(job["output_dir"]) / "samples"
+
+    def sample_step(self, name: str) -> int | None:
+        """The step a sample image was made at, from its file name."""
+        m = _STEP_IN_NAME.search(name)
+        return int(m.group(1)) if m else None
 
 
 from .command import CommandKind  # noqa: E402

@@ -243,6 +243,9 @@ class KohyaKind(JobKind):
         return kohya_state.finished(job["output_dir"], output_name(job),
                                     model_ext(job["spec"]["kohya"]["args"]))
 
+    def sample_dir(self, job):
+        return Path(job["output_dir"]) / "sample"  # <name>_000120_00_<time>.png
+
     def result(self, job):
         if not self.finished(job):
             return None

@@ -1,0 +1,140 @@
+"""The dashboard in a real headless browser (Debian's chromium, driven by selenium; nothing is
+downloaded: the driver is Debian's chromedriver). A real fluxgymd runs a tiny lora job with
+samples while the page is open: the job goes from queued to succeeded without a reload, the
+loss chart gets points, the gallery shows the sample PNGs; cancel works from the page; a
+browser without the token is refused. Screenshots are saved under the test's temp dir and
+checked (the right size, not blank)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from conftest import FAST
+from fluxgymd.testing import wait_until, write_job
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SIZE = (1280, 1000)
+
+
+def _browser_installed() -> bool:
+    if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
+        return True
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    # as root (CI): install Debian's chromium once; later runs reuse it
+    r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium",
+                        "chromium-driver"], capture_output=True, text=True, timeout=1200,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return r.returncode == 0 and os.path.exists(CHROMIUM) and os.path.exists(DRIVER)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not _browser_installed():
+        pytest.skip(f"no headless browser: {CHROMIUM} and {DRIVER} (Debian's chromium and "
+                    "chromium-driver) are not installed, and this is not root to install them")
+    selenium = pytest.importorskip("selenium", reason="selenium is in the dev extras")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    del selenium
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={SIZE[0]},{SIZE[1]}", f"--user-data-dir={tmp_path / 'prof'}"):
+        opts.add_argument(arg)
+    os.environ["SE_OFFLINE"] = "true"  # selenium manager must not fetch anything
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, path: Path) -> None:
+    from PIL import Image, ImageStat
+    want = tuple(driver.execute_script(
+        "return [innerWidth * devicePixelRatio, innerHeight * devicePixelRatio]"))
+    driver.save_screenshot(str(path))
+    with Image.open(path) as img:
+        assert img.size == want and img.size[0] == SIZE[0], (img.size, want)
+        spread = ImageStat.Stat(img.convert("L")).stddev[0]
+        assert spread > 5, f"{path} looks blank (stddev {spread:.1f})"
+
+
+def lora_job(where: Path, tiny: Path) -> Path:
+    path = where / "web-lora.toml"
+    path.write_text(tomli_w.dumps({"job": {"name": "web-lora", "kind": "lora"}, "train": {
+        "pretrained_model": str(tiny / "model"), "dataset_dir": str(tiny / "data"),
+        "resolution": 64, "max_train_steps": 30, "train_batch_size": 2,
+        "save_every_n_steps": 10, "save_every_n_epochs": 0, "t5xxl_max_token_length": 32,
+        "trigger_word": "fgx", "sample_prompts": ["fgx a red disc", "fgx a blue square"],
+        "sample_every_n_steps": 15, "sample_steps": 2, "log_every_n_steps": 1}}))
+    return path
+
+
+def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
+        browser, daemon_factory, tiny, short_tmp, tmp_path):
+    from selenium.webdriver.common.by import By
+    d = daemon_factory(**FAST, web__listen="127.0.0.1:0").start()
+    url = d.ctl("web-url", check=True).stdout.strip()
+    base = url.split("/?token=")[0]
+
+    # no token: refused, and the page says how to get in
+    browser.get(base + "/")
+    assert "fluxgymctl web-url" in browser.find_element(By.TAG_NAME, "body").text
+    browser.get(url)
+    wait_until(lambda: browser.execute_script(
+        "return document.getElementById('live').classList.contains('on')"), 20,
+        what="the events stream to connect")
+
+    d.submit(lora_job(short_tmp, tiny))
+
+    def row_state():  # read in the page: rows are redrawn as events arrive
+        return browser.execute_script(
+            "const c = document.querySelector('#jobs tbody tr td.state');"
+            "return c && c.textContent")
+    states = set()
+    wait_until(lambda: states.add(row_state()) or row_state() == "running", 60, 0.05,
+               "the row to show running")
+    browser.execute_script("document.querySelector('#jobs tbody tr').click()")  # open it
+    wait_until(lambda: row_state() == "succeeded", 300, 0.2, "the row to show succeeded")
+    assert {"queued", "starting", "running"} & states  # seen on the way, no reload
+    assert browser.execute_script("return performance.getEntriesByType('navigation')"
+                                  ".length") == 1
+
+    points = wait_until(lambda: browser.execute_script(
+        "const c = document.getElementById('chart'); return c.data && c.data[0].x.length"),
+        30, what="loss points on the chart")
+    assert points >= 10
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 4, 30,
+               what="the four samples in the gallery")
+    loaded = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)")
+    assert loaded == [64, 64, 64, 64]
+    steps = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .step b")]
+    assert steps == ["step 30", "step 15"]  # newest first
+    assert "finished" in browser.find_element(By.ID, "log").text
+    screenshot(browser, tmp_path / "dashboard.png")
+    browser.find_element(By.CSS_SELECTOR, "#gallery img").click()  # the full-size view
+    assert browser.find_element(By.ID, "viewer").is_displayed()
+    screenshot(browser, tmp_path / "sample.png")
+    browser.find_element(By.ID, "viewer").click()
+
+    # cancel from the page
+    d.submit(write_job(short_tmp, "web-sleep",
+                       [sys.executable, "-c", "import time; time.sleep(120)"]))
+    d.wait_state("web-sleep", "running")
+    wait_until(lambda: browser.execute_script(
+        "const b = document.querySelector(\"#jobs tbody tr button[data-act='cancel']\");"
+        "if (b) b.click(); return !!b"), 10, what="a cancel button to click")
+    d.wait_state("web-sleep", "cancelled", timeout=30)
+    wait_until(lambda: row_state() == "cancelled", 10, what="the page to show cancelled")
+    time.sleep(0.2)
+    screenshot(browser, tmp_path / "cancelled.png")
+    print(f"screenshots in {tmp_path}")
