@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# fluxgymd in the foreground (its log on this terminal), a tiny random Flux and dataset
+# fluxgymd in the foreground (its log on this terminal, its dashboard on a free local port), a
+# tiny random Flux and dataset
 # made once under .demo/, a LoRA job on them submitted and followed to the finished LoRA,
 # then the daemon stopped. Job names are unique, so each run gets a fresh one.
 demo: $(STAMP)
@@ -29,10 +30,11 @@ demo: $(STAMP)
 	@test -d .demo/dataset || $(PY) -m trainer.tiny --dataset .demo/dataset
 	@set -e; \
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fluxgymd --state-dir .demo/state --runtime-dir $(DEMO_RUN) \
-		--outputs-dir outputs & \
+		--outputs-dir outputs --web 127.0.0.1:0 & \
 	pid=$$!; trap 'kill -TERM $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT INT TERM; \
 	ctl="$(VENV)/bin/fluxgymctl --runtime-dir $(DEMO_RUN)"; \
 	for i in $$(seq 100); do $$ctl ping >/dev/null 2>&1 && break; sleep 0.2; done; \
+	echo "the dashboard, to watch it in a browser: $$($$ctl web-url)"; \
 	name=tiny-lora-$$(date +%Y%m%d-%H%M%S); \
 	$$ctl submit etc/jobs/tiny-lora.toml --name $$name; \
 	$$ctl logs -f $$name; \

@@ -179,6 +179,12 @@ class Daemon(Runs, Stalls, Operations):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if self.cfg.web.listen:
+            # up before the control socket answers, so `web-url` right after a ping works
+            from .web import Web  # aiohttp's server only when the dashboard is on
+            web = Web(self)
+            await web.start()
+            self.web = web
         self._spawn(self.control.serve())
         restore = self._spawn(self.restore())
         self._spawn(self._serve_progress())
@@ -191,10 +197,6 @@ class Daemon(Runs, Stalls, Operations):
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
                  self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
         self.alerts.start()
-        if self.cfg.web.listen:
-            from .web import Web  # aiohttp's server only when the dashboard is on
-            self.web = Web(self)
-            await self.web.start()
         self.notifier.ready(self._summary())
         await self._stop.wait()
         if not restore.done():
