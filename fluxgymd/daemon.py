@@ -293,7 +293,10 @@ class Daemon(Runs, Stalls, Operations):
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
         if self.web is not None:
-            self.web.publish(topic, obj)
+            try:
+                self.web.publish(topic, obj)
+            except Exception:  # the page is a viewer: it never breaks a transition
+                log.exception("dashboard event dropped")
         try:
             self.pub.send_multipart([topic, encode(obj)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:

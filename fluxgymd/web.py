@@ -136,8 +136,10 @@ class Web:
         kind = topic.decode("ascii", "replace")
         data = json.dumps({"topic": kind, "data": obj}, default=str)
         for q in list(self.clients):
-            if q.full():
-                q.get_nowait()  # drop the oldest for a slow page; it resyncs on "gap"
+            if q.qsize() >= EVENT_QUEUE - 1:
+                # a page this far behind starts over: it reloads its state on "gap"
+                while not q.empty():
+                    q.get_nowait()
                 q.put_nowait('{"topic":"gap"}')
             q.put_nowait(data)
 

@@ -149,3 +149,20 @@ def test_under_a_path_prefix(daemon_factory):
 def test_web_url_says_how_to_switch_it_on(daemon):
     r = daemon.ctl("web-url")
     assert r.returncode == 4 and "listen" in r.stderr and "[web]" in r.stderr
+
+
+def test_a_page_far_behind_gets_a_gap_marker_and_never_breaks_the_daemon():
+    import asyncio
+
+    from fluxgymd import web as webmod
+
+    async def go():
+        w = webmod.Web.__new__(webmod.Web)
+        q: asyncio.Queue = asyncio.Queue(webmod.EVENT_QUEUE)
+        w.clients = {q}
+        for i in range(3 * webmod.EVENT_QUEUE):
+            w.publish(b"progress", {"job": 1, "event": "step", "step": i})
+        items = [q.get_nowait() for _ in range(q.qsize())]
+        assert '{"topic":"gap"}' in items and len(items) <= webmod.EVENT_QUEUE
+        assert json.loads(items[-1])["data"]["step"] == 3 * webmod.EVENT_QUEUE - 1
+    asyncio.run(go())
