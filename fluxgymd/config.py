@@ -266,12 +266,21 @@ def _notify(values: dict[str, Any]) -> NotifyConfig:
                         backoff_s=values["notify.backoff_s"])
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (an empty host is 127.0.0.1; [::1]:PORT for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"web.listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8377")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def _web(values: dict[str, Any], state_dir: Path) -> WebConfig:
     listen = values["web.listen"].strip()
     if listen:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"web.listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8377")
+        try:
+            parse_listen(listen)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     base = values["web.base_path"].strip()
     if base and not all(part and all(c.isalnum() or c in "-_." for c in part)
                         for part in base.strip("/").split("/")):

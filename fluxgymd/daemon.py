@@ -54,6 +54,10 @@ class UnsafeRuntimeDir(Exception):
     pass
 
 
+def _waiting_or_active(counts: dict[str, int]) -> int:
+    return sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED})
+
+
 class Daemon(Runs, Stalls, Operations):
     def __init__(self, cfg: Config, journal: Journal | None = None):
         self.cfg = cfg
@@ -170,8 +174,7 @@ class Daemon(Runs, Stalls, Operations):
             self._transition(job["id"], S.QUEUED, "requeued after fluxgymd restart")
         self.restoring.clear()
         self.restored.set()
-        counts = self.store.counts()  # arms on_idle when there is nothing to do at start
-        self.alerts.on_queue(sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED}))
+        self.alerts.on_queue(_waiting_or_active(self.store.counts()))  # arms on_idle at start
         self.schedule()
 
     # --- the loop -------------------------------------------------------------------
@@ -281,7 +284,7 @@ class Daemon(Runs, Stalls, Operations):
         self.notifier.status(self._summary(counts))
         if not self.stopping:
             self.alerts.on_state(view)
-            self.alerts.on_queue(sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED}))
+            self.alerts.on_queue(_waiting_or_active(counts))
 
     def _summary(self, counts: dict[str, int] | None = None) -> str:
         return summary(counts if counts is not None else self.store.counts()) + \

@@ -57,6 +57,11 @@ class Script:
     args: dict[str, list[str]]  # --flag -> its values ([] for a switch)
     order: list[str] = field(default_factory=list)
 
+    def flags(self):
+        """(flag, values) in the script's order, each flag once (argparse keeps the last)."""
+        for flag in dict.fromkeys(self.order):
+            yield flag, self.args[flag]
+
 
 def _tokens(text: str, windows: bool) -> list[str]:
     lines = []
@@ -210,8 +215,8 @@ def as_kohya(script: Script, maps: list[tuple[str, str]], name: str | None = Non
     args: list[str] = []
     missing: list[str] = []
     notes: list[str] = []
-    for flag in dict.fromkeys(script.order):
-        values = list(script.args[flag])
+    for flag, values in script.flags():
+        values = list(values)
         if flag == "output_dir":
             notes.append(f"--output_dir {values[0] if values else ''}: fluxgymd writes to the "
                          "job's own folder instead")

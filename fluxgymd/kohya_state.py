@@ -65,9 +65,7 @@ def why_incomplete(path: str) -> str | None:
     except OSError as e:
         return f"cannot be read: {e.strerror}"
     try:
-        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as fh:
-            ts = json.load(fh)
-        int(ts["current_step"])
+        int(_train_state(path)["current_step"])
     except FileNotFoundError:
         return f"no {TRAIN_STATE}"
     except (OSError, ValueError, KeyError, TypeError):
@@ -93,6 +91,16 @@ def why_incomplete(path: str) -> str | None:
     return None
 
 
+def _train_state(path: str) -> dict:
+    with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def complete_state(path: str) -> dict | None:
+    """A complete state folder's train_state.json (current_step, current_epoch); else None."""
+    return _train_state(path) if why_incomplete(path) is None else None
+
+
 def state_folders(output_dir: str, name: str) -> list[StateFolder]:
     """The complete state folders of run `name`, newest (highest step) first."""
     out = []
@@ -105,10 +113,9 @@ def state_folders(output_dir: str, name: str) -> list[StateFolder]:
         if not m or m.group("name") != name:
             continue
         path = os.path.join(output_dir, entry)
-        if not os.path.isdir(path) or why_incomplete(path) is not None:
+        ts = complete_state(path) if os.path.isdir(path) else None
+        if ts is None:
             continue
-        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as fh:
-            ts = json.load(fh)
         kind = "step" if m.group("step") else "epoch" if m.group("epoch") else "end"
         out.append(StateFolder(path, name, kind, int(ts["current_step"]),
                                int(ts.get("current_epoch", 0))))

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .config import parse_listen
+from .kinds import kind_of
 from .protocol import FluxgymError
 
 if TYPE_CHECKING:
@@ -55,13 +57,6 @@ def load_token(path: Path) -> str:
     return token
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"web listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8377")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def plotly_js() -> Path | None:
     """plotly.js as the plotly package ships it (pip installs it; nothing from the internet)."""
     spec = importlib_util.find_spec("plotly")
@@ -81,7 +76,6 @@ class Web:
         self.token = load_token(Path(cfg.token_file))
         self.clients: set[asyncio.Queue] = set()
         self.runner: web.AppRunner | None = None
-        self.requests = 0
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,7 +149,6 @@ class Web:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        self.requests += 1
         if request.method not in ("GET", "HEAD"):
             if not self._token_ok(request.headers.get("X-Fluxgymd-Token")):
                 return self._refuse(request, 403, "actions need the token in the "
@@ -236,12 +229,10 @@ class Web:
                               after=after_n, timestamps=False)
 
     def _job_and_samples(self, ref: str) -> tuple[dict[str, Any], Path | None]:
-        from .kinds import kind_of
         job = self.d._find(ref)
         return job, kind_of(job).sample_dir(job)
 
     async def samples(self, request: web.Request) -> web.Response:
-        from .kinds import kind_of
         try:
             job, folder = self._job_and_samples(request.match_info["job"])
         except FluxgymError as e:

@@ -33,6 +33,7 @@ from tests.kohya import env as kenv
 
 MAX_STEPS = 40
 EVERY = 3  # states at 3, 6, 9...: inside epochs of 4 steps
+PAST_STEP_12 = r"steps:\s+\d+%\|[^|]*\|\s*(1[3-9]|2\d)/"  # a bar at steps 13-29 of 40
 BAR = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
@@ -95,11 +96,17 @@ def straight(kohya, tmp_path_factory):
     args = sd_args(kohya["files"], dataset_toml(out, kohya["files"]))
     args += ["--output_dir", str(out), "--output_name", "ref", "--console_log_simple",
              "--save_state", "--save_every_n_steps", str(EVERY), "--save_last_n_steps_state", "99"]
+    run_launcher(kohya, args)
+    return out / "ref.safetensors"
+
+
+def run_launcher(kohya: dict, args: list[str]) -> subprocess.CompletedProcess:
+    """sd-scripts under the launcher alone, as the daemon would start it, to its end."""
     r = subprocess.run([str(kohya["python"]), LAUNCHER, str(kohya["sd"] / "flux_train_network.py"),
                         *args], cwd=kohya["sd"], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, **kenv.SHIM_ENV))
     assert r.returncode == 0, r.stderr[-4000:]
-    return out / "ref.safetensors"
+    return r
 
 
 def lora_diff(a: Path, b: Path) -> float:
@@ -192,7 +199,7 @@ def test_a_kohya_run_stopped_by_the_daemon_saves_at_the_step_and_resumes(
     d = daemon_factory(**FAST).start()
     job = d.submit(kohya_job(short_tmp, "ky-stop", kohya))
     out = Path(d.outputs_dir) / "ky-stop"
-    wait_log(out / "train.log", r"steps:\s+\d+%\|[^|]*\|\s*(1[3-9]|2\d)/")
+    wait_log(out / "train.log", PAST_STEP_12)
     assert d.stop() == 0
     log = (out / "train.log").read_text()
     m = re.search(r"fluxgymd-kohya: stopping after step (\d+)", log)
@@ -280,10 +287,7 @@ def test_a_state_without_accelerates_step_resumes(kohya, straight, tmp_path):
     args = sd_args(kohya["files"], dataset_toml(tmp_path, kohya["files"]))
     args += ["--output_dir", str(tmp_path), "--output_name", "ref", "--console_log_simple",
              "--resume", str(state), "--skip_until_initial_step"]
-    r = subprocess.run([str(kohya["python"]), LAUNCHER, str(kohya["sd"] / "flux_train_network.py"),
-                        *args], cwd=kohya["sd"], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, **kenv.SHIM_ENV))
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_launcher(kohya, args)
     assert "this state has no accelerate 'step'" in r.stderr
     assert lora_diff(tmp_path / "ref.safetensors", straight) == 0.0
 
@@ -297,7 +301,7 @@ def test_a_stalled_kohya_run_dumps_its_stacks_saves_at_the_step_and_resumes_exac
     d = daemon_factory(**FAST, watchdog__stall_floor_s=2.0, watchdog__stall_factor=1.0).start()
     job = d.submit(kohya_job(short_tmp, "ky-stall", kohya))
     out = Path(d.outputs_dir) / "ky-stall"
-    wait_log(out / "train.log", r"steps:\s+\d+%\|[^|]*\|\s*(1[3-9]|2\d)/")
+    wait_log(out / "train.log", PAST_STEP_12)
     pid = d.job(job["id"])["pid"]
     os.kill(pid, signal.SIGSTOP)
     done = d.wait_state(job["id"], "succeeded", timeout=600, interval=0.5)
@@ -316,7 +320,7 @@ def test_a_cancelled_kohya_run_keeps_a_state_at_the_step_it_reached(
         daemon, kohya, short_tmp):
     job = daemon.submit(kohya_job(short_tmp, "ky-cancel", kohya))
     out = Path(daemon.outputs_dir) / "ky-cancel"
-    wait_log(out / "train.log", r"steps:\s+\d+%\|[^|]*\|\s*(1[3-9]|2\d)/")
+    wait_log(out / "train.log", PAST_STEP_12)
     daemon.ctl("cancel", "ky-cancel", check=True)
     done = daemon.wait_state(job["id"], "cancelled", timeout=120, interval=0.2)
     log = (out / "train.log").read_text()

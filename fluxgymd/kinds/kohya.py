@@ -141,8 +141,7 @@ class KohyaKind(JobKind):
             except FluxGymImportError as e:
                 errors.append(f"kohya.train_script: {e}")
                 return {}
-            args = [x for key in dict.fromkeys(read.order)
-                    for x in ["--" + key, *read.args[key]]]
+            args = [x for key, values in read.flags() for x in ["--" + key, *values]]
             script = script or os.path.basename(read.script)
             launch = read.launcher
             if out["mixed_precision"] is None and launch.get("mixed_precision"):
@@ -296,14 +295,10 @@ class KohyaOutput:
     def _marker(text: str) -> dict[str, Any] | None:
         if text.startswith("state saved "):
             path = text[len("state saved "):]
-            if kohya_state.why_incomplete(path) is not None:
+            state = kohya_state.complete_state(path)
+            if state is None:
                 return None
-            try:
-                with open(os.path.join(path, kohya_state.TRAIN_STATE), encoding="utf-8") as fh:
-                    step = int(json.load(fh)["current_step"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-            return {"event": "checkpoint", "path": path, "step": step}
+            return {"event": "checkpoint", "path": path, "step": int(state["current_step"])}
         if text.startswith("sample "):
             return {"event": "sample", "path": text[len("sample "):]}
         return None
