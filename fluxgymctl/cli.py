@@ -259,6 +259,7 @@ def show(ctx: Ctx, job: str) -> None:
         ("priority", str(j.get("priority", 0))),
         ("loss / lr", f"{render.number(j['loss'])} / {render.number(j['lr'])}"),
         ("attempts", f"{j['attempts']} (restarts {j['restarts']})"),
+        ("runs on", render.executor(j)),
         ("pid", str(j["pid"] or "-")),
         ("checkpoint", f"{j['checkpoint'] or '-'}"
                        + (f" (step {j['checkpoint_step']})" if j["checkpoint_step"] else "")),

@@ -161,6 +161,17 @@ def steps(job: dict[str, Any]) -> str:
     return f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else str(job["step"])
 
 
+def executor(j: dict) -> str:
+    """Where the job's attempts run: this machine, or which Slurm job and node."""
+    if j.get("executor", "local") == "local":
+        return "local"
+    if not j.get("external_id"):
+        return "slurm (not submitted yet)"
+    where = f" on {j['node']}" if j.get("node") else ""
+    state = f", {j['external_state']}" if j.get("external_state") else ""
+    return f"slurm: job {j['external_id']}{where}{state}"
+
+
 # --- GPUs --------------------------------------------------------------------------------
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-command-jobs", action="store_const", const=True,
                    help="run kind = \"command\" jobs (any program, as this daemon's user); "
                    "off unless set here or in the config")
+    p.add_argument("--executor", choices=["local", "slurm"],
+                   help="where jobs run: local process groups, or one Slurm job per attempt "
+                   "(config: executor; [slurm] sets partition, gres, time limit...)")
     p.add_argument("--web", metavar="HOST:PORT", dest="listen",
                    help="serve the dashboard here (config: listen under [web]; off by default)")
     p.add_argument("--version", action="version", version=f"fluxgymd {__version__}")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_dir": args.state_dir, "runtime_dir": args.runtime_dir,
         "outputs_dir": args.outputs_dir, "max_concurrent_jobs": args.max_concurrent_jobs,
         "log_level": args.log_level, "allow_command_jobs": args.allow_command_jobs,
-        "listen": args.listen,
+        "listen": args.listen, "executor": args.executor,
     }
     try:
         cfg = load(args.config, flags)

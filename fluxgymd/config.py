@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .executors import EXECUTORS
+from .executors.slurm import SlurmSettings
 from .alerts import EVENTS, FORMATS, HooksConfig, NotifyConfig, parse_events, read_secret
 from .paths import default_dirs
 from .protocol import CONTROL_SOCKET, MAX_IPC_PATH
@@ -50,6 +52,19 @@ KEYS = [
     Key("daemon", "journal", str, "auto"),
     Key("daemon", "journal_socket", str, "/run/systemd/journal/socket"),
     Key("daemon", "allow_command_jobs", bool, False),
+    Key("daemon", "executor", str, "local"),
+    Key("slurm", "partition", str, ""),
+    Key("slurm", "gres", str, ""),
+    Key("slurm", "time_limit", str, ""),
+    Key("slurm", "signal_before_end_s", int, 300, minimum=1),
+    Key("slurm", "cpus_per_task", int, 0, minimum=0),
+    Key("slurm", "mem", str, ""),
+    Key("slurm", "sbatch_args", str, ""),
+    Key("slurm", "python", str, ""),
+    Key("slurm", "bin_dir", str, ""),
+    Key("slurm", "poll_s", float, 2.0, minimum=0.1),
+    Key("slurm", "follow_s", float, 0.25, minimum=0.02),
+    Key("slurm", "probe", bool, True),
     Key("logs", "max_bytes", int, 50 * 1024 * 1024, minimum=4096),
     Key("logs", "backups", int, 3, minimum=0),
     Key("logs", "memory_lines", int, 10000, minimum=100),
@@ -116,6 +131,8 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {full} must be one of {', '.join(LOG_LEVELS)}")
     if full == "daemon.journal" and value not in ("auto", "on", "off"):
         raise ConfigError(f"{where}: {full} must be auto, on or off")
+    if full == "daemon.executor" and value not in EXECUTORS:
+        raise ConfigError(f"{where}: {full} must be one of {', '.join(EXECUTORS)}, got {value!r}")
     if full == "watchdog.gpu_probe" and value not in ("auto", "nvml", "none") \
             and not value.startswith("file:"):
         raise ConfigError(f"{where}: {full} must be auto, nvml, none or file:PATH")
@@ -175,6 +192,8 @@ class Config:
     gpu_probe: str
     gpu_poll_s: float
     kohya_save_every_n_steps: int = 100
+    executor: str = "local"
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     web: WebConfig = field(default_factory=lambda: WebConfig())
@@ -231,6 +250,7 @@ def load(
         gpu_probe=values["watchdog.gpu_probe"],
         gpu_poll_s=values["watchdog.gpu_poll_s"],
         kohya_save_every_n_steps=values["kohya.save_every_n_steps"],
+        executor=values["daemon.executor"], slurm=_slurm(values),
         web=_web(values, resolved["state_dir"]),
         notify=_notify(values), hooks=HooksConfig(
             commands={e: values[f"hooks.on_{e}"] for e in HOOK_EVENTS if values[f"hooks.on_{e}"]},
@@ -264,6 +284,20 @@ def _notify(values: dict[str, Any]) -> NotifyConfig:
     return NotifyConfig(url=url, format=fmt, events=events, token=token,
                         timeout_s=values["notify.timeout_s"], retries=values["notify.retries"],
                         backoff_s=values["notify.backoff_s"])
+
+
+def _slurm(values: dict[str, Any]) -> SlurmSettings:
+    import shlex
+
+    try:
+        extra = tuple(shlex.split(values["slurm.sbatch_args"]))
+    except ValueError as e:
+        raise ConfigError(f"slurm.sbatch_args: {e}") from None
+    return SlurmSettings(**{
+        k: values[f"slurm.{k}"] for k in ("partition", "gres", "time_limit",
+                                          "signal_before_end_s", "cpus_per_task", "mem",
+                                          "python", "bin_dir", "poll_s", "follow_s", "probe")},
+        sbatch_args=extra)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

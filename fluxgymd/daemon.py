@@ -36,8 +36,10 @@ from .server import ControlServer
 from .stalls import Stalls
 from .states import ACTIVE, FINISHED, JobState
 from .store import Store, StoreError
-from .supervisor import kill_orphan_group, same_process
+from .executors.local import kill_orphan_group, same_process
+from .executors.slurm import SlurmAttempt, SlurmExecutor
 from .views import job_view
+from .watchdog import Stall
 
 log = logging.getLogger("fluxgymd")
 S = JobState
@@ -141,6 +143,7 @@ class Daemon(Runs, Stalls, Operations):
         os.chmod(cfg.runtime_dir / PROGRESS_SOCKET, 0o600)  # only our own children
         self.gpu = make_gpu_probe(cfg.gpu_probe)
         log.info("GPU rule %s", self.gpu.describe())
+        self.slurm = SlurmExecutor(cfg.slurm, cfg.outputs_dir)
 
     async def restore(self) -> None:
         """Decide what a previous daemon left behind: no active job survives a restart
@@ -148,7 +151,9 @@ class Daemon(Runs, Stalls, Operations):
         control socket is served meanwhile (status, cancel); nothing new starts until the
         leftovers are gone."""
         left = self.store.list_jobs([s.value for s in ACTIVE])
-        self.restoring = {j["id"] for j in left}
+        if self.cfg.executor == "slurm":
+            self.slurm.check_shared()
+        left = [j for j in left if not await self._take_up(j)]
         alive = [j for j in left if same_process(j["pid"], j["pid_started"])]
         for j in alive:
             log.info("job %s (%s): waiting for the process group %s a previous fluxgymd left "
@@ -176,6 +181,25 @@ class Daemon(Runs, Stalls, Operations):
         self.restored.set()
         self.alerts.on_queue(_waiting_or_active(self.store.counts()))  # arms on_idle at start
         self.schedule()
+
+    async def _take_up(self, job: dict[str, Any]) -> bool:
+        """A Slurm job outlives the daemon: the same attempt goes on, followed again."""
+        if job["executor"] != "slurm" or job["cancel_requested"] or \
+                job["state"] not in (S.STARTING.value, S.RUNNING.value, S.STALLED.value):
+            return False  # a restart backoff has no Slurm job: it is requeued
+        external_id = job["external_id"] or await self.slurm.find_by_name(
+            self._slurm_name(job, job["attempts"]))
+        if not external_id or not self._adopt(job, external_id):
+            return False
+        log.info("job %s (%s): taking up Slurm job %s again (attempt %s)", job["id"],
+                 job["name"], external_id, job["attempts"],
+                 extra={"job_id": job["id"], "job_name": job["name"]})
+        if job["state"] == S.STALLED.value:
+            # the previous daemon was stopping it: finish that
+            run = self.runs[job["id"]]
+            run.stall = Stall("progress", job["reason"])
+            self._spawn(run.child.terminate(run.limits.kill_grace_s))
+        return True
 
     # --- the loop -------------------------------------------------------------------
     async def run(self) -> None:
@@ -222,6 +246,16 @@ class Daemon(Runs, Stalls, Operations):
         self.stopping = True
         if self.web is not None:
             await self.web.close()
+        for run in [r for r in self.runs.values() if isinstance(r.child, SlurmAttempt)]:
+            # a Slurm job is not ours to stop: the next fluxgymd takes it up again
+            self._flush_run(run)
+            run.log.write([f"=== fluxgymd: stopping; Slurm job {run.child.external_id or '?'} "
+                           "keeps running and is followed again when fluxgymd starts ==="])
+            run.child.detach()
+            if run.folder_lock is not None:
+                run.folder_lock.release()
+            self.runs.pop(run.job_id, None)
+        self.slurm.close()
         active = [r for r in self.runs.values() if r.child is not None]
         log.info("stopping: asking %d job(s) to checkpoint and exit", len(active))
         self.notifier.stopping(f"stopping; waiting for {len(active)} job(s) to checkpoint")

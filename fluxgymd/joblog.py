@@ -58,6 +58,12 @@ class LineSplitter:
         return lines
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes fed but not yet returned as lines (a reader that resumes from an offset
+        starts this much before its end)."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> str:
         """The unfinished last line: a progress bar being redrawn waits here for its \\r."""
         return self._buf.rstrip(b"\r").decode("utf-8", "replace")

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .executors import EXECUTORS
 from .kinds import KINDS
 from .protocol import ErrorCode, FluxgymError
 from .watchdog import LIMIT_NAMES
@@ -18,11 +19,14 @@ from .watchdog import LIMIT_NAMES
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 SECTIONS = {
-    "job": {"name": str, "kind": str, "description": str},
+    "job": {"name": str, "kind": str, "description": str, "executor": str},
     "command": {"argv": list, "env": dict, "cwd": str, "progress": str},
     "train": None,  # the trainer validates its own keys
     "kohya": None,  # the kohya kind validates its own keys
     "watchdog": {name: (int, float) for name in LIMIT_NAMES},
+    # this job's own sbatch settings over the daemon's [slurm]
+    "slurm": {"partition": str, "gres": str, "time_limit": str, "signal_before_end_s": int,
+              "cpus_per_task": int, "mem": str, "sbatch_args": list, "python": str},
 }
 
 
@@ -130,6 +134,16 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
     elif kind not in KINDS:
         errors.append(f"job.kind {kind!r} is unknown; use one of: {', '.join(KINDS)}")
 
+    executor = job.get("executor")
+    if executor is not None and executor not in EXECUTORS:
+        errors.append(f"job.executor {executor!r:.40} is unknown; use one of: "
+                      f"{', '.join(EXECUTORS)} (or leave it out: the daemon's executor)")
+    slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else {}
+    if not all(isinstance(a, str) for a in slurm.get("sbatch_args") or []):
+        errors.append("slurm.sbatch_args must be a list of strings, e.g. [\"--qos=high\"]")
+    for key in ("signal_before_end_s", "cpus_per_task"):
+        if isinstance(slurm.get(key), int) and slurm[key] < (1 if key[0] == "s" else 0):
+            errors.append(f"slurm.{key} must be {'1' if key[0] == 's' else '0'} or more")
     watchdog = data.get("watchdog") if isinstance(data.get("watchdog"), dict) else {}
     for key, value in watchdog.items():
         if key in LIMIT_NAMES and isinstance(value, (int, float)) and value < 0:
@@ -140,6 +154,10 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
         "description": job.get("description", ""),
         "watchdog": dict(watchdog),
     }
+    if executor is not None:
+        spec["executor"] = executor
+    if slurm:
+        spec["slurm"] = dict(slurm)
     if kind in KINDS:
         own = KINDS[kind].section
         spec[own] = KINDS[kind].validate(data.get(own), base, errors, defaults)

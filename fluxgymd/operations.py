@@ -51,7 +51,8 @@ class Operations:
                 "allow_command_jobs": self.cfg.allow_command_jobs, "paused": self.paused,
                 "restoring": sorted(self.restoring),
                 "summary": self._summary(), "stopping": self.stopping,
-                "alerts": self.alerts.status()}
+                "alerts": self.alerts.status(), "executor": self.cfg.executor,
+                "slurm": self.slurm.status()}
 
     async def op_notify_test(self, args) -> dict[str, Any]:
         """Send one test alert through the configured webhook and say how it went."""
@@ -138,7 +139,10 @@ class Operations:
         limits = self._limits_for(job)
         run = self.runs.get(job["id"])
         view["watchdog"] = {
-            "gpu": self.gpu.describe(),
+            "gpu": self.gpu.describe() if job["executor"] == "local" else
+            "the trainer on the node reports its GPUs (NVML) in its events"
+            + ("" if run is None or run.watch is None else
+               ("; it does" if run.watch.gpu_available else "; none reported so far")),
             "restarts": f"{job['restarts']}/{limits.max_restarts}",
             "no_progress": f"{job['no_progress']}/{limits.no_progress_restarts}",
             "step_limit_s": run.watch.step_limit() if run and run.watch else limits.stall_floor_s,
@@ -155,6 +159,8 @@ class Operations:
         for g in stats:
             g["jobs"] = []
         for job_id, run in self.runs.items():
+            if run.executor != "local":
+                continue  # its GPUs are a node's, not this machine's
             job = self.store.get(job_id)
             for g in stats:
                 if run.gpus is None or g["index"] in run.gpus:
@@ -187,8 +193,11 @@ class Operations:
             if not run.cancel:
                 run.cancel = True
                 self.store.update(job["id"], cancel_requested=1)
-                run.log.write(["=== fluxgymd: cancel requested; SIGTERM to the job's process "
-                               f"group, SIGKILL after {self.cfg.kill_grace_s:g}s ==="])
+                how = (f"SIGTERM to the job's process group, SIGKILL after "
+                       f"{self.cfg.kill_grace_s:g}s" if run.executor == "local" else
+                       f"SIGTERM through Slurm (scancel at once while it waits in the queue), "
+                       f"scancel after {self.cfg.kill_grace_s:g}s")
+                run.log.write([f"=== fluxgymd: cancel requested; {how} ==="])
                 self._spawn(run.child.terminate(self.cfg.kill_grace_s))
             return self._view(self.store.get(job["id"]))
         if job["id"] in self.restoring:

@@ -101,6 +101,11 @@ def parse_child_event(payload: bytes) -> dict[str, Any] | None:
         if plan is None:
             return None
         ev["plan"] = plan
+    elif obj["event"] == "gpu":
+        util = _num(obj.get("utilization"))
+        if util is None or not 0 <= util <= 100:
+            return None
+        ev["utilization"] = util
     elif obj["event"] in ("checkpoint", "sample"):
         if not isinstance(obj.get("path"), str):
             return None

@@ -300,6 +300,8 @@ ENV_JOB_ID = "FLUXGYM_JOB_ID"
 ENV_OUTPUT_DIR = "FLUXGYM_OUTPUT_DIR"
 ENV_PROGRESS_ENDPOINT = "FLUXGYM_PROGRESS_ENDPOINT"
 ENV_ATTEMPT = "FLUXGYM_ATTEMPT"
+# A trainer on a Slurm node reports its own GPUs' utilization (NVML) every this many seconds.
+ENV_GPU_REPORT_S = "FLUXGYM_GPU_REPORT_S"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the child checkpointed and can be resumed
 PHASES = ("loading", "caching", "training", "sampling", "saving")
-CHILD_EVENTS = ("phase", "step", "checkpoint", "sample", "done", "plan")
+CHILD_EVENTS = ("phase", "step", "checkpoint", "sample", "done", "plan", "gpu")

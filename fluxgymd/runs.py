@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,13 @@ from .kinds import kind_of
 from .probes import job_gpus, oom_kills
 from .progress import parse_child_event
 from .protocol import (
-    ENV_ATTEMPT, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT, TOPIC_PROGRESS, FluxgymError,
-    log_topic,
+    ENV_ATTEMPT, ENV_GPU_REPORT_S, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT,
+    TOPIC_PROGRESS, TOPIC_STATE, FluxgymError, log_topic,
 )
 from .states import JobState
-from .supervisor import Child, Exit, SpawnError
+from .executors import Exit, SpawnError
+from .executors.local import Child
+from .executors.slurm import SlurmAttempt, events_endpoint
 from .watchdog import Budget, Ending, Limits, Stall, Watch, after_exit
 
 log = logging.getLogger("fluxgymd")
@@ -44,8 +47,9 @@ class Run:
     job_id: int
     attempt: int
     log: JobLog
+    executor: str = "local"
     parser: Any = None  # the kind's reader of progress from output, if it has one
-    child: Child | None = None
+    child: Child | SlurmAttempt | None = None  # the attempt, as its executor runs it
     cancel: bool = False
     pending: dict[str, Any] = field(default_factory=dict)  # progress not yet in the store
     metrics: list[tuple] = field(default_factory=list)
@@ -62,6 +66,7 @@ class Run:
     # (wall time, step) samples of this attempt: the ETA is the rate over the last
     # ETA_WINDOW_S, checkpoints and samples included, so it does not jump between phases
     pace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    offsets: tuple[int, int] | None = None  # a Slurm attempt's file offsets, as stored
 
 
 def _progress_of(job: dict[str, Any]) -> int | None:
@@ -126,12 +131,15 @@ class Runs:
         env.update(extra_env)
         env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
-        run = Run(job_id, attempt, self._job_log(job), parser=kind.output_parser(job["spec"]),
-                  folder_lock=folder_lock)
-        if self.journal is not None:
-            run.journal = JobLines(self.journal, job_id, job["name"], attempt)
+        executor = self._executor_of(job)
+        run = self._new_run(job, attempt, executor, folder_lock)
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {_one_line(shlex.join(argv))} ==="])
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
+                       f"{' through Slurm' if executor == 'slurm' else ''}: "
+                       f"{_one_line(shlex.join(argv))} ==="])
+        if executor == "slurm":
+            self._start_on_slurm(job, run, argv, env, cwd)
+            return
         try:
             run.child = Child(argv, env, cwd, lambda lines, pending, stream:
                               self._on_output(run, lines, pending, stream))
@@ -140,17 +148,97 @@ class Runs:
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
             return
-        run.limits = self._limits_for(job)
-        run.watch = Watch(run.limits, started=time.monotonic(), contract=kind.speaks_contract,
-                          gpu_available=self.gpu.available)
-        run.budget = Budget(restarts=job["restarts"], no_progress=job["no_progress"],
-                            progress_at_start=_progress_of(job))
+        run.watch = self._new_watch(job, run)
         run.gpus = job_gpus(env)
         run.oom_at_start = oom_kills()
         self.runs[job_id] = run
         self._transition(job_id, S.RUNNING, f"attempt {attempt}: pid {run.child.pid}",
-                         pid=run.child.pid, pid_started=run.child.create_time)
+                         pid=run.child.pid, pid_started=run.child.create_time,
+                         executor="local", external_id=None, node=None, external_state=None)
         self._spawn(self._watch(run))
+
+    def _new_run(self, job: dict[str, Any], attempt: int, executor: str,
+                 folder_lock: ownership.FolderLock) -> Run:
+        run = Run(job["id"], attempt, self._job_log(job), executor=executor,
+                  parser=kind_of(job).output_parser(job["spec"]), folder_lock=folder_lock)
+        if self.journal is not None:
+            run.journal = JobLines(self.journal, job["id"], job["name"], attempt)
+        run.limits = self._limits_for(job)
+        run.budget = Budget(restarts=job["restarts"], no_progress=job["no_progress"],
+                            progress_at_start=_progress_of(job))
+        return run
+
+    def _new_watch(self, job: dict[str, Any], run: Run) -> Watch:
+        # a Slurm attempt's GPUs are the trainer's to report (the daemon cannot read them)
+        return Watch(run.limits, started=time.monotonic(), contract=kind_of(job).speaks_contract,
+                     gpu_available=self.gpu.available and run.executor == "local")
+
+    def _executor_of(self, job: dict[str, Any]) -> str:
+        return job["spec"].get("executor") or self.cfg.executor
+
+    # --- Slurm ----------------------------------------------------------------------
+    def _slurm_name(self, job: dict[str, Any], attempt: int) -> str:
+        """The Slurm job name: the job, this store, the attempt (found again by it)."""
+        return f"fluxgymd-{job['name']}-{self.store.id[:6]}-{attempt}"
+
+    def _slurm_callbacks(self, run: Run):
+        return (lambda lines, pending, stream: self._on_output(run, lines, pending, stream),
+                self._on_child_event, lambda att: self._on_slurm_status(run, att))
+
+    def _start_on_slurm(self, job: dict[str, Any], run: Run, argv: list[str],
+                        env: dict[str, str], cwd: str | None) -> None:
+        settings = self.cfg.slurm.with_overrides(job["spec"].get("slurm") or {})
+        if settings.python and argv and argv[0] == sys.executable:
+            argv = [settings.python, *argv[1:]]
+        out = Path(job["output_dir"])
+        env[ENV_PROGRESS_ENDPOINT] = events_endpoint(out, run.attempt)
+        env[ENV_GPU_REPORT_S] = f"{self.cfg.gpu_poll_s:g}"
+        title = f"fluxgymd job {job['id']} ({job['name']}), attempt {run.attempt}"
+        run.child = self.slurm.start(out, run.attempt, title, self._slurm_name(job, run.attempt),
+                                     argv, env, cwd, settings, *self._slurm_callbacks(run))
+        run.offsets = (0, 0)
+        self.runs[job["id"]] = run
+        self.store.update(job["id"], executor="slurm", external_id=None, node=None,
+                          external_state="submitting", output_offset=0, events_offset=0,
+                          pid=None, pid_started=None)
+        self._spawn(self._watch(run))
+
+    def _on_slurm_status(self, run: Run, att: SlurmAttempt) -> None:
+        """Slurm's view of the attempt changed: its id, state, reason or node."""
+        if self.runs.get(run.job_id) is not run:
+            return
+        shown = att.state + (f" ({att.reason})" if att.reason else "")
+        self.store.update(run.job_id, external_id=att.external_id, node=att.node,
+                          external_state=shown)
+        job = self.store.get(run.job_id)
+        if att.on_node and run.watch is None:
+            run.watch = self._new_watch(job, run)
+            if job["state"] == S.STARTING.value:
+                self._transition(run.job_id, S.RUNNING, f"attempt {run.attempt}: Slurm job "
+                                 f"{att.external_id} on {att.node or 'its node'}")
+                return
+        self._publish(TOPIC_STATE, self._view(job))
+
+    def _adopt(self, job: dict[str, Any], external_id: str) -> bool:
+        """Take up a Slurm job a previous daemon left running: the same attempt goes on."""
+        out = Path(job["output_dir"])
+        try:
+            folder_lock = ownership.FolderLock(out)
+        except (OSError, FluxgymError) as e:
+            log.error("job %s: cannot take up Slurm job %s again: %s", job["id"], external_id, e)
+            return False
+        run = self._new_run(job, job["attempts"], "slurm", folder_lock)
+        run.offsets = (job["output_offset"] or 0, job["events_offset"] or 0)
+        run.log.write([f"=== fluxgymd: restarted; following attempt {run.attempt} "
+                       f"(Slurm job {external_id}) again ==="])
+        run.child = self.slurm.adopt(out, run.attempt, external_id, *run.offsets,
+                                     *self._slurm_callbacks(run))
+        if job["state"] != S.STARTING.value:
+            run.watch = self._new_watch(job, run)
+        self.runs[job["id"]] = run
+        self.store.update(job["id"], external_id=external_id)
+        self._spawn(self._watch(run))
+        return True
 
     def _limits_for(self, job: dict[str, Any]) -> Limits:
         return self.cfg.limits.with_overrides(job["spec"].get("watchdog") or {})
@@ -168,16 +256,22 @@ class Runs:
     def _on_exit(self, run: Run, ex: Exit) -> None:
         self._flush_run(run)
         note = f" (killed {ex.leftovers} leftover process(es) of its group)" if ex.leftovers else ""
-        run.log.write([f"=== fluxgymd: attempt {run.attempt} {ex.describe()}{note} ==="])
+        where = f" (Slurm job {run.child.external_id})" if run.child.external_id else ""
+        run.log.write([f"=== fluxgymd: attempt {run.attempt}{where} {ex.describe()}{note} ==="])
         job = self.store.get(run.job_id)
-        oom_now = oom_kills()
+        if ex.fatal and not run.cancel:
+            self._transition(run.job_id, S.FAILED, f"{ex.describe()} (not retried; fix it, "
+                             "then `fluxgymctl retry` the job)", pid=None)
+            return
+        oom_now = oom_kills() if run.executor == "local" else None
         ending = Ending(
             code=ex.code, signal=ex.signal, description=ex.describe(),
             output_tail="\n".join(line for _, line in run.log.tail(60)),
-            oom_killed=None not in (oom_now, run.oom_at_start) and oom_now > run.oom_at_start,
+            oom_killed=ex.oom or (None not in (oom_now, run.oom_at_start)
+                                  and oom_now > run.oom_at_start),
             stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
             progress=_progress_of(job), last_output=run.last_line,
-            contract=kind_of(job).speaks_contract)
+            contract=kind_of(job).speaks_contract, lost=ex.lost)
         out = after_exit(ending, run.budget, run.limits)
         reason = out.reason
         fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
@@ -229,16 +323,19 @@ class Runs:
 
     async def _serve_progress(self) -> None:
         while True:
-            payload = await self.pull.recv()
-            ev = parse_child_event(payload)
-            if ev is None:
-                log.debug("ignored a malformed progress event: %.200r", payload)
-                continue
-            run = self.runs.get(ev["job"])
-            if run is not None and ev.get("attempt", run.attempt) == run.attempt:
-                if run.watch is not None:
-                    run.watch.contract = True  # it speaks the contract: judge it by events
-                self._on_progress(run, ev)
+            self._on_child_event(await self.pull.recv())
+
+    def _on_child_event(self, payload: bytes) -> None:
+        """A contract event, from the progress socket or a Slurm attempt's events file."""
+        ev = parse_child_event(payload)
+        if ev is None:
+            log.debug("ignored a malformed progress event: %.200r", payload)
+            return
+        run = self.runs.get(ev["job"])
+        if run is not None and ev.get("attempt", run.attempt) == run.attempt:
+            if run.watch is not None:
+                run.watch.contract = True  # it speaks the contract: judge it by events
+            self._on_progress(run, ev)
 
     def _on_progress(self, run: Run, ev: dict[str, Any]) -> None:
         kind = ev["event"]
@@ -248,6 +345,12 @@ class Runs:
                 run.watch.on_step(now, ev["step"])
             elif kind == "phase":
                 run.watch.on_phase(now, ev["phase"])
+            elif kind == "gpu" and run.executor != "local":
+                # a node's trainer reads its own GPUs; here the daemon's probe is the judge
+                run.watch.gpu_available = True
+                run.watch.on_gpu(now, ev["utilization"])
+        if kind == "gpu":
+            return  # a reading, not news
         if kind == "step":
             run.pace.append((time.time(), ev["step"]))
             upd = {"step": ev["step"]}
@@ -269,6 +372,12 @@ class Runs:
         self._publish(TOPIC_PROGRESS, dict(ev, job=run.job_id))
 
     def _flush_run(self, run: Run) -> None:
+        if isinstance(run.child, SlurmAttempt) and run.child.out is not None:
+            # a restarted daemon reads the attempt's files on from here
+            offsets = (run.child.out.resume_offset, run.child.events.resume_offset)
+            if offsets != run.offsets:
+                run.offsets = offsets
+                self.store.update(run.job_id, output_offset=offsets[0], events_offset=offsets[1])
         if run.pending:
             self.store.update(run.job_id, **run.pending)
             run.pending = {}

@@ -5,7 +5,6 @@ first. A mixin of the Daemon (daemon.py).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import time
@@ -26,12 +25,13 @@ class Stalls:
             await asyncio.sleep(WATCH_INTERVAL_S)
             now = time.monotonic()
             for run in list(self.runs.values()):
-                if run.stall is not None or run.cancel or not run.child.running:
-                    continue
-                reading = process_reading(run.child.pid)
+                if run.watch is None or run.stall is not None or run.cancel \
+                        or not run.child.running:
+                    continue  # a Slurm job still in the queue is not judged yet
+                reading = process_reading(run.child.pid) if run.child.pid else None
                 if reading is not None:
                     run.watch.on_process(now, *reading)
-                if self.gpu.available and now >= run.next_gpu_at:
+                if run.executor == "local" and self.gpu.available and now >= run.next_gpu_at:
                     run.watch.on_gpu(now, self.gpu.read(run.gpus))
                     run.next_gpu_at = now + self.cfg.gpu_poll_s
                 stall = run.watch.check(now)
@@ -48,19 +48,21 @@ class Stalls:
         self._transition(run.job_id, S.STALLED, stall.reason)
         pid = run.child.pid
         run.log.write([f"=== fluxgymd: stalled: {stall.reason}; capturing diagnostics ==="])
-        status = (process_reading(pid) or ("gone", 0))[0]
-        if shutil.which("py-spy"):
+        # Where it runs elsewhere (Slurm), whether it is stopped is unknown: it always gets
+        # the SIGCONT after the SIGTERM.
+        status = (process_reading(pid) or ("gone", 0))[0] if pid else "unknown"
+        if pid and shutil.which("py-spy"):
             await self._py_spy_dump(run, pid)
         if run.watch.contract:
-            try:  # the contract's stack dump, from the job's main process
-                os.kill(pid, signal.SIGUSR1)
-            except OSError:
-                pass
-        run.log.write([f"=== fluxgymd: stopping attempt {run.attempt}: SIGTERM to its process "
-                       f"group, SIGKILL after {run.limits.kill_grace_s:g}s ==="])
-        if status == "stopped":
+            run.child.dump_stacks()  # the contract's stack dump, from the job's main process
+        how = (f"SIGTERM to its process group, SIGKILL after {run.limits.kill_grace_s:g}s"
+               if pid else f"SIGTERM through Slurm, scancel after {run.limits.kill_grace_s:g}s")
+        run.log.write([f"=== fluxgymd: stopping attempt {run.attempt}: {how} ==="])
+        if status in ("stopped", "unknown"):
             # A stopped process takes its signals when continued: the stack dump and the
             # SIGTERM both, so it cannot slip back into training in between.
+            if run.watch.contract and status == "unknown":
+                await asyncio.sleep(STACK_DUMP_WAIT_S)  # a running one dumps meanwhile
             run.child.signal(signal.SIGTERM)
             run.child.signal(signal.SIGCONT)
         elif run.watch.contract:

@@ -85,6 +85,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN memory_plan TEXT;
     """,
+    # 5: where an attempt runs (executors/): its executor, the Slurm job id, node and state,
+    # and how far its output and event files were read (a restarted daemon reads on)
+    """
+    ALTER TABLE jobs ADD COLUMN executor TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE jobs ADD COLUMN external_id TEXT;
+    ALTER TABLE jobs ADD COLUMN node TEXT;
+    ALTER TABLE jobs ADD COLUMN external_state TEXT;
+    ALTER TABLE jobs ADD COLUMN output_offset INTEGER;
+    ALTER TABLE jobs ADD COLUMN events_offset INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -94,6 +104,7 @@ UPDATABLE = frozenset(
         "pid", "pid_started", "phase", "step", "total_steps", "loss", "lr",
         "seconds_per_step", "checkpoint", "checkpoint_step", "exit_code",
         "cancel_requested", "attempts", "restarts", "no_progress", "started_at", "memory_plan",
+        "executor", "external_id", "node", "external_state", "output_offset", "events_offset",
     }
 )
 RECOVER_HINT = (

@@ -26,7 +26,8 @@ def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | N
 def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[str, Any]:
     """The stable, documented shape of a job on the wire (`--json`)."""
     now = time.time() if now is None else now
-    view = {k: v for k, v in job.items() if k not in ("spec", "pid_started", "queued_at")}
+    view = {k: v for k, v in job.items()
+            if k not in ("spec", "pid_started", "queued_at", "output_offset", "events_offset")}
     step, total, sps = job.get("step"), job.get("total_steps"), job.get("seconds_per_step")
     view["progress"] = (step / total) if (step is not None and total) else None
     started = job.get("started_at")

@@ -177,6 +177,7 @@ class Ending:
     progress: int | None = None  # newest checkpoint step at the end of the attempt
     last_output: str = ""  # the child's last non-empty line: often the error itself
     contract: bool = False  # the child is our trainer (its exit 2 means: fix the job)
+    lost: str = ""  # the cluster ended it (node failure, preemption): why
 
     @property
     def what(self) -> str:
@@ -251,6 +252,10 @@ def after_exit(e: Ending, budget: Budget, limits: Limits) -> Outcome:
         return Outcome("failed", f"no progress since {since}: {no_progress} attempts in a row "
                        f"ended without a newer checkpoint (last: {why})",
                        budget=replace(budget, no_progress=no_progress))
+    if e.lost and e.stall is None:
+        # not the job's fault: resumed without spending a restart (the breaker still counts)
+        return Outcome("resume", f"{e.lost} ({e.description}); resuming from its newest "
+                       "checkpoint", budget=replace(budget, no_progress=no_progress))
     if e.code == EXIT_INTERRUPTED and e.stall is None:
         # the child checkpointed and asked to be resumed: that costs no restart
         return Outcome("resume", "exited 75 (interrupted with a checkpoint); resuming",

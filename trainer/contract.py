@@ -2,7 +2,9 @@
 progress for a person at a terminal.
 
 Events go over a ZeroMQ PUSH socket with NOBLOCK and a small high-water mark: a step never
-waits for the daemon, and a lost event is fine. SIGTERM/SIGINT ask for a checkpoint at the
+waits for the daemon, and a lost event is fine. On a Slurm node the endpoint is a file
+(file:///...events) that the daemon made and follows: one JSON object a line, appended. There
+a thread also reports this process's GPUs' utilization, which the daemon cannot read. SIGTERM/SIGINT ask for a checkpoint at the
 next step boundary and exit 75; SIGUSR1 dumps every thread's stack to stderr. Output whose
 reader has gone (the daemon died) is dropped instead of ending the training.
 """
@@ -109,7 +111,15 @@ class Reporter:
         self.attempt = int(os.environ.get("FLUXGYM_ATTEMPT", "1") or 1)
         self.supervised = bool(self.endpoint and self.job)
         self._sock = None
-        if self.supervised:
+        self._file = -1
+        if self.supervised and self.endpoint.startswith("file://"):
+            # the daemon created it 0600; O_APPEND: each event is one write at the end
+            self._file = os.open(self.endpoint[len("file://"):],
+                                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            every = float(os.environ.get("FLUXGYM_GPU_REPORT_S") or 0)
+            if every > 0:
+                GpuReports(self, every).start()
+        elif self.supervised:
             import zmq
 
             self._zmq = zmq
@@ -123,9 +133,15 @@ class Reporter:
 
     # --- events -----------------------------------------------------------------------
     def send(self, event: str, **fields: Any) -> None:
+        msg = dict(fields, event=event, job=self.job, attempt=self.attempt)
+        if self._file >= 0:
+            try:
+                os.write(self._file, (json.dumps(msg) + "\n").encode())
+            except OSError:
+                pass  # a full or gone filesystem: training goes on, its checkpoint will tell
+            return
         if self._sock is None:
             return
-        msg = dict(fields, event=event, job=self.job, attempt=self.attempt)
         try:
             self._sock.send(json.dumps(msg).encode(), self._zmq.NOBLOCK)
         except self._zmq.ZMQError:
@@ -184,3 +200,44 @@ class Reporter:
         if self._sock is not None:
             self._sock.close(linger=500)  # let "done" reach the daemon
             self._sock = None
+        if self._file >= 0:
+            os.close(self._file)
+            self._file = -1
+
+
+class GpuReports:
+    """A daemon thread that sends the busiest of this process's GPUs' utilization every
+    `every` seconds, through NVML, for the watchdog's idle-GPU rule on a remote node. It
+    keeps reporting while the training loop hangs: that is what the rule is for."""
+
+    def __init__(self, reporter: Reporter, every: float):
+        self.reporter, self.every = reporter, every
+
+    def start(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except Exception:
+            return  # no NVML here (a CPU node): nothing to report
+        # Slurm's own list is of the node's GPU indexes, as NVML counts them; a device
+        # cgroup may renumber what CUDA_VISIBLE_DEVICES says
+        visible = os.environ.get("SLURM_JOB_GPUS") or os.environ.get("CUDA_VISIBLE_DEVICES")
+        indexes = [int(i) for i in visible.split(",") if i.strip().isdigit()] \
+            if visible else list(range(count))
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indexes if i < count]
+        if not handles:
+            return
+        import threading
+
+        def report():
+            while True:
+                try:
+                    busiest = max(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles)
+                    self.reporter.send("gpu", utilization=float(busiest))
+                except Exception:
+                    pass
+                time.sleep(self.every)
+
+        threading.Thread(target=report, name="gpu-reports", daemon=True).start()

@@ -1,5 +1,5 @@
-"""Children: spawn each job in its own process group, read its output, signal its whole
-tree, reap it.
+"""The local executor: spawn each attempt in its own process group on this machine, read
+its output, signal its whole tree, reap it.
 
 Exit is noticed through a pidfd, which does not reap it: while the leader is an
 unreaped zombie its pid (and so its process group id) cannot be reused, which makes it safe
@@ -15,14 +15,14 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import psutil
 
-from .joblog import LineSplitter
+from ..joblog import LineSplitter
+from . import Exit, SpawnError
 
-log = logging.getLogger("fluxgymd.supervisor")
+log = logging.getLogger("fluxgymd.local")
 READ_CHUNK = 1024 * 1024
 BATCH_WINDOW_S = 0.005  # worst added delay for a log line; bounds wake-ups to 50/s a pipe
 PIPE_SIZE = 1024 * 1024  # the unprivileged maximum (/proc/sys/fs/pipe-max-size)
@@ -32,24 +32,8 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_DRAIN_S = 5.0
 
 
-class SpawnError(Exception):
-    pass
-
-
-@dataclass
-class Exit:
-    code: int | None  # exit status, or None when killed by a signal
-    signal: int | None
-    leftovers: int = 0  # processes of the group killed after the leader exited
-
-    def describe(self) -> str:
-        if self.signal is not None:
-            return f"killed by {signal.Signals(self.signal).name}"
-        return f"exited with code {self.code}"
-
-
 class Child:
-    """One running process group. `on_output(lines, pending, stream)` gets each batch of
+    """One attempt as a local process group. `on_output(lines, pending, stream)` gets each batch of
     complete output lines, the unfinished line after them (a bar mid-redraw), and the stream
     ("stdout" or "stderr") they came from."""
 
@@ -62,6 +46,9 @@ class Child:
     ):
         self.argv = argv
         self.on_output = on_output
+        self.external_id: str | None = None  # local attempts are known by their pid
+        self.node: str | None = None
+        self.on_node = True
         self._loop = asyncio.get_running_loop()
         try:
             self.proc = subprocess.Popen(
@@ -191,6 +178,14 @@ class Child:
         if self.proc.returncode is not None:
             return False
         return self._killpg(sig)
+
+    def dump_stacks(self) -> None:
+        """The contract's SIGUSR1, to the main process only (its workers have no say)."""
+        if self.proc.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGUSR1)
+            except OSError:
+                pass
 
     async def terminate(self, grace_s: float) -> Exit:
         """SIGTERM the group, wait up to grace_s, then SIGKILL it."""
