@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .executors import EXECUTORS
-from .executors.slurm import SlurmSettings
+from .executors.slurm_job import SlurmSettings
 from .alerts import EVENTS, FORMATS, HooksConfig, NotifyConfig, parse_events, read_secret
 from .paths import default_dirs
 from .protocol import CONTROL_SOCKET, MAX_IPC_PATH

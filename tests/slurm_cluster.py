@@ -47,10 +47,12 @@ def unavailable() -> str:
 
 
 class Cluster:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, cpus: int | None = None):
         self.base = base
         self.bin = base / "bin"  # sbatch & co, usable from the host
         self.env = dict(os.environ, SLURMNS_BASE=str(base))
+        if cpus:
+            self.env["SLURMNS_CPUS"] = str(cpus)
 
     def start(self) -> "Cluster":
         self.base.parent.mkdir(parents=True, exist_ok=True)

@@ -272,3 +272,39 @@ def test_outputs_the_nodes_do_not_share_are_refused_with_the_reason(daemon_facto
         assert "not shared with the Slurm nodes" in d.logs()
     finally:
         cluster.exec("umount", str(d.outputs_dir), check=False)
+
+
+def test_a_job_sbatch_refuses_fails_at_once_with_slurms_words(sd, tiny):
+    path = job_file(tiny, "badpart")
+    path.write_text(path.read_text() + '\n[slurm]\npartition = "nope"\n')
+    sd.submit(path)
+    j = wait_until(lambda: (j := sd.job("badpart"))["state"] == "failed" and j, 60, 0.1,
+                   "the refusal")
+    assert j["reason"].startswith("sbatch failed: invalid partition specified: nope")
+    assert "not retried" in j["reason"] and j["restarts"] == 0
+
+
+GPU_IDLE = """
+import json, os, time
+def send(**ev):
+    ev.update(job=os.environ["FLUXGYM_JOB_ID"], attempt=int(os.environ["FLUXGYM_ATTEMPT"]))
+    with open(os.environ["FLUXGYM_PROGRESS_ENDPOINT"][len("file://"):], "a") as fh:
+        fh.write(json.dumps(ev) + "\\n")
+assert float(os.environ["FLUXGYM_GPU_REPORT_S"]) > 0
+step = 0
+while True:  # steps keep coming, but the node's GPU says it is idle
+    step += 1
+    send(event="step", step=step, total=10**6)
+    send(event="gpu", utilization=0.0)
+    time.sleep(0.2)
+"""
+
+
+def test_the_gpu_rule_judges_a_node_by_the_readings_its_trainer_sends(sd, short_tmp):
+    from fluxgymd.testing import PY, write_job
+    sd.submit(write_job(short_tmp, "idlegpu", [PY, "-c", GPU_IDLE],
+                        watchdog={"gpu_idle_window_s": 2.0, "max_restarts": 0}))
+    j = sd.wait_state("idlegpu", ["stalled", "failed"], 60)
+    assert j["reason"].startswith("GPU below 5% for"), j["reason"]
+    assert "reports its GPUs (NVML) in its events; it does" in sd.job("idlegpu")["watchdog"]["gpu"]
+    j = sd.wait_state("idlegpu", "failed", 60)

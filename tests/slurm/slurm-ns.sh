@@ -23,6 +23,8 @@
 #   SLURMNS_CRED_EXPIRE=5                 also the minimum delay before a requeued job restarts (Slurm default 120)
 #   SLURMNS_SCHED_PARAMS=sched_interval=2,bf_interval=1
 #   SLURMNS_DEBUG=info
+#   SLURMNS_CPUS=N                        CPUs the node offers (default: nproc; more than the
+#                                         machine has, e.g. to run 20 light jobs at once)
 set -euo pipefail
 
 BASE=${SLURMNS_BASE:?set SLURMNS_BASE to a directory of its own, on a path with no group- or world-writable parent (munged checks)}
@@ -46,7 +48,7 @@ ns_init_pid() {   # host PID of the namespace's PID 1 (= the child of unshare)
 
 write_configs() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=${SLURMNS_CPUS:-$(nproc)}
     # RealMemory must not exceed what slurmd detects (node would be drained): ~5% under MemTotal.
     mem=$(awk '/^MemTotal:/ {printf "%d", $2/1024*0.95}' /proc/meminfo)
     if [ "$AUTH" = none ]; then
@@ -91,6 +93,7 @@ ReturnToService=2
 RequeueExit=75
 KillWait=5
 MinJobAge=3600
+SlurmdParameters=config_overrides
 InactiveLimit=0
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
