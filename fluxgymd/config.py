@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .executors import EXECUTORS
-from .executors.slurm_job import SlurmSettings
+from .executors.slurm_job import SlurmSettings, refused_options
 from .alerts import EVENTS, FORMATS, HooksConfig, NotifyConfig, parse_events, read_secret
 from .paths import default_dirs
 from .protocol import CONTROL_SOCKET, MAX_IPC_PATH
@@ -293,6 +293,9 @@ def _slurm(values: dict[str, Any]) -> SlurmSettings:
         extra = tuple(shlex.split(values["slurm.sbatch_args"]))
     except ValueError as e:
         raise ConfigError(f"slurm.sbatch_args: {e}") from None
+    refused = refused_options(extra)
+    if refused:
+        raise ConfigError("slurm.sbatch_args may not hold " + "; ".join(refused))
     return SlurmSettings(**{
         k: values[f"slurm.{k}"] for k in ("partition", "gres", "time_limit",
                                           "signal_before_end_s", "cpus_per_task", "mem",

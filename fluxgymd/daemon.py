@@ -220,9 +220,9 @@ class Daemon(Runs, Stalls, Operations):
         interval = self.notifier.watchdog_interval()
         if interval:
             self._spawn(self._watchdog_pings(interval))
-        log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent)",
+        log.info("fluxgymd %s serving %s (state %s, outputs %s, %d concurrent, executor %s)",
                  __version__, self.cfg.control_endpoint, self.cfg.state_dir,
-                 self.cfg.outputs_dir, self.cfg.max_concurrent_jobs)
+                 self.cfg.outputs_dir, self.cfg.max_concurrent_jobs, self.cfg.executor)
         self.alerts.start()
         self.notifier.ready(self._summary())
         await self._stop.wait()

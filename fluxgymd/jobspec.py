@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .executors import EXECUTORS
+from .executors.slurm_job import refused_options
 from .kinds import KINDS
 from .protocol import ErrorCode, FluxgymError
 from .watchdog import LIMIT_NAMES
@@ -139,8 +140,11 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
         errors.append(f"job.executor {executor!r:.40} is unknown; use one of: "
                       f"{', '.join(EXECUTORS)} (or leave it out: the daemon's executor)")
     slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else {}
-    if not all(isinstance(a, str) for a in slurm.get("sbatch_args") or []):
+    sbatch_args = slurm.get("sbatch_args") or []
+    if not isinstance(sbatch_args, list) or not all(isinstance(a, str) for a in sbatch_args):
         errors.append("slurm.sbatch_args must be a list of strings, e.g. [\"--qos=high\"]")
+    else:
+        errors += [f"slurm.sbatch_args may not hold {why}" for why in refused_options(sbatch_args)]
     for key in ("signal_before_end_s", "cpus_per_task"):
         if isinstance(slurm.get(key), int) and slurm[key] < (1 if key[0] == "s" else 0):
             errors.append(f"slurm.{key} must be {'1' if key[0] == 's' else '0'} or more")

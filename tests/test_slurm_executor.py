@@ -168,6 +168,13 @@ def test_a_wrong_executor_or_slurm_key_is_refused_by_name():
     assert "unknown key slurm.partitoin (did you mean 'partition'?)" in msg
     assert "slurm.sbatch_args must be a list of strings" in msg
     assert "slurm.cpus_per_task must be 0 or more" in msg
+    with pytest.raises(FluxgymError) as e:
+        job(CMD.format(more='[slurm]\nsbatch_args = ["--qos=x", "--uid=0", "-o", "/x", '
+                       '"--output=/y", "--requeue"]'))
+    msg = e.value.message
+    assert "slurm.sbatch_args may not hold --uid=0: jobs run as the service user" in msg
+    assert "-o: fluxgymd sets it" in msg and "--output=/y: fluxgymd sets it" in msg
+    assert "--requeue: resuming is fluxgymd's" in msg and "--qos" not in msg
 
 
 def test_the_daemon_executor_is_checked_and_sbatch_args_split_like_a_shell():
@@ -175,6 +182,8 @@ def test_the_daemon_executor_is_checked_and_sbatch_args_split_like_a_shell():
     assert cfg.executor == "slurm" and cfg.slurm.sbatch_args == ("--qos=a b", "-A", "x")
     with pytest.raises(ConfigError, match="daemon.executor must be one of local, slurm"):
         load(flags={"executor": "pbs"}, env={})
+    with pytest.raises(ConfigError, match="may not hold --signal=B:USR1@60: set signal_befo"):
+        load(env={"FLUXGYM_SLURM_SBATCH_ARGS": "--signal=B:USR1@60"})
 
 
 def test_a_gpu_reading_is_a_contract_event_within_0_to_100():

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import Exit
-from .slurm_job import (ACTIVE, COMMAND_TIMEOUT_S, EXIT_FILE_GRACE_S, LOST, ON_NODE, TRANSIENT,
-                        Files, Follower, SlurmSettings, batch_script, events_endpoint,
+from .slurm_job import (ACTIVE, COMMAND_TIMEOUT_S, EXIT_FILE_GRACE_S, LOST, ON_NODE,
+                        READ_BUDGET, TRANSIENT, Files, Follower, SlurmSettings, batch_script, events_endpoint,
                         parse_exit_file, parse_squeue)
 
 log = logging.getLogger("fluxgymd.slurm")
@@ -58,6 +58,7 @@ class SlurmAttempt:
     events: Follower = None  # type: ignore[assignment]
     exited: asyncio.Future = None  # type: ignore[assignment]
     ended_at: float | None = None  # when Slurm said it ended (exit file grace)
+    ran: bool = False  # it reached a node (else no exit file is coming)
     detached: bool = False
     _signals: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -128,20 +129,21 @@ class SlurmAttempt:
         self.executor.forget(self)
 
     # --- following --------------------------------------------------------------------
-    def follow(self) -> None:
-        lines, pending = self.out.read()
+    def follow(self, budget: int | None = READ_BUDGET) -> None:
+        lines, pending = self.out.read(budget)
         if lines or pending:
             self.on_output(lines, pending, "stdout")
-        lines, _ = self.events.read()
+        lines, _ = self.events.read(budget)
         for line in lines:
             if line.strip():
                 self.on_event(line.encode())
 
     def finish(self, result: Exit) -> None:
-        self.follow()
-        rest = self.out.splitter.close()
-        if rest:
-            self.on_output(rest, "", "stdout")
+        if self.out is not None:
+            self.follow(budget=None)  # everything it wrote, before its end is judged
+            rest = self.out.splitter.close()
+            if rest:
+                self.on_output(rest, "", "stdout")
         self._signals.put_nowait(None)
         if not self.exited.done():
             self.exited.set_result(result)
@@ -305,7 +307,7 @@ class SlurmExecutor:
         """Follow a Slurm job a previous daemon submitted, from where it stopped reading."""
         files = Files(folder, attempt)
         run = SlurmAttempt(self, files, on_output, on_event, on_status,
-                           external_id=external_id, state="UNKNOWN")
+                           external_id=external_id, state="UNKNOWN", ran=True)
         run.out = Follower(files.out, out_offset)
         run.events = Follower(files.events, events_offset, private=True)
         self.attempts[external_id] = run
@@ -363,6 +365,7 @@ class SlurmExecutor:
             changed = (state, reason, node or run.node) != (run.state, run.reason, run.node)
             run.state, run.reason = state, reason
             run.node = node or run.node
+            run.ran = run.ran or state in ON_NODE
             if changed:
                 run.on_status(run)
             if state in ACTIVE:
@@ -380,7 +383,7 @@ class SlurmExecutor:
         state = run.state
         if recorded is None:
             run.ended_at = run.ended_at or time.monotonic()
-            if time.monotonic() - run.ended_at < EXIT_FILE_GRACE_S:
+            if run.ran and time.monotonic() - run.ended_at < EXIT_FILE_GRACE_S:
                 return
             result = await self._exit_from_slurm(run)
         else:

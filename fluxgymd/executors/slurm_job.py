@@ -17,6 +17,7 @@ from ..joblog import LineSplitter
 log = logging.getLogger("fluxgymd.slurm")
 
 READ_CHUNK = 1024 * 1024
+READ_BUDGET = 8 * READ_CHUNK  # a follower's most bytes a tick
 # After Slurm says a job ended, how long its exit file may take to show up here (a shared
 # filesystem's attribute cache) before the end is judged from Slurm's state alone.
 EXIT_FILE_GRACE_S = 5.0
@@ -34,6 +35,31 @@ LOST = {"PREEMPTED": "preempted by Slurm", "NODE_FAIL": "its node failed",
 TRANSIENT = ("Unable to contact slurm controller", "Socket timed out", "temporarily unavailable",
              "Slurm temporarily unable", "Connection refused", "Resource temporarily unavailable",
              "Zero Bytes were transmitted", "not responding")
+# sbatch options fluxgymd sets itself (the executor relies on them), or that would run the
+# job as someone else: refused in sbatch_args, with the reason.
+RESERVED_OPTIONS = {
+    "--output": "fluxgymd sets it", "-o": "fluxgymd sets it", "--error": "fluxgymd sets it",
+    "-e": "fluxgymd sets it", "--open-mode": "fluxgymd sets it", "--chdir": "fluxgymd sets it",
+    "-D": "fluxgymd sets it", "--job-name": "fluxgymd sets it", "-J": "fluxgymd sets it",
+    "--parsable": "fluxgymd sets it", "--requeue": "resuming is fluxgymd's",
+    "--no-requeue": "fluxgymd sets it", "--signal": "set signal_before_end_s instead",
+    "--wrap": "fluxgymd writes the batch script", "--array": "one attempt is one job",
+    "-a": "one attempt is one job", "--uid": "jobs run as the service user",
+    "--gid": "jobs run as the service user", "--export": "fluxgymd passes the environment",
+    "--wait": "fluxgymd follows the job", "-W": "fluxgymd follows the job",
+}
+
+
+def refused_options(args) -> list[str]:
+    """Why each of these sbatch arguments may not be given, as 'ARG: why'."""
+    out = []
+    for arg in args:
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if name in RESERVED_OPTIONS:
+            out.append(f"{arg}: {RESERVED_OPTIONS[name]}")
+    return out
+
+
 SETTINGS = ("partition", "gres", "time_limit", "signal_before_end_s", "cpus_per_task", "mem",
             "sbatch_args", "python")
 
@@ -140,7 +166,9 @@ class Follower:
         """Where a reader starting over should begin: before an unfinished last line."""
         return self.offset - self.splitter.held_bytes
 
-    def read(self) -> tuple[list[str], str]:
+    def read(self, budget: int | None = READ_BUDGET) -> tuple[list[str], str]:
+        """New complete lines and the unfinished one; at most `budget` bytes a call, so a
+        backlog (a daemon restarted after hours) is taken in over several ticks."""
         if self.refused:
             return [], ""
         try:
@@ -155,15 +183,19 @@ class Follower:
                                 "are ignored")
                 log.error("%s", self.refused)
                 return [], ""
-            if st.st_size <= self.offset:
+            if st.st_size < self.offset:  # truncated behind our back: read it anew
+                self.offset, self.splitter = 0, LineSplitter()
+            if st.st_size == self.offset:
                 return [], self.splitter.pending
             lines: list[str] = []
             os.lseek(fd, self.offset, os.SEEK_SET)
-            while True:
+            taken = 0
+            while budget is None or taken < budget:
                 data = os.read(fd, READ_CHUNK)
                 if not data:
                     break
                 self.offset += len(data)
+                taken += len(data)
                 lines += self.splitter.feed(data)
             return lines, self.splitter.pending
         finally:
