@@ -151,9 +151,11 @@ class Daemon(Runs, Stalls, Operations):
         control socket is served meanwhile (status, cancel); nothing new starts until the
         leftovers are gone."""
         left = self.store.list_jobs([s.value for s in ACTIVE])
+        self.restoring = {j["id"] for j in left}
         if self.cfg.executor == "slurm":
             self.slurm.check_shared()
         left = [j for j in left if not await self._take_up(j)]
+        self.restoring = {j["id"] for j in left}
         alive = [j for j in left if same_process(j["pid"], j["pid_started"])]
         for j in alive:
             log.info("job %s (%s): waiting for the process group %s a previous fluxgymd left "

@@ -210,7 +210,7 @@ class SlurmExecutor:
         try:
             rc, out, err = await self.command(
                 "sbatch", "--parsable", "--job-name=fluxgymd-probe", "--output=/dev/null",
-                "--no-requeue", *self.settings.options(),
+                "--no-requeue", "--time=1", "--mem=64M", *self.settings.probe_options(),
                 f"--wrap=echo \"$SLURM_JOB_ID $(hostname)\" > {shlex.quote(str(mark))}")
             if rc != 0:
                 self.problem = (f"the Slurm probe job was refused: {_first_line(err or out)}; "
@@ -221,8 +221,9 @@ class SlurmExecutor:
             ended_at = None
             while True:
                 if mark.exists():
+                    node = (mark.read_text().split() or ["a node"])[-1]
                     self.probe_state = (f"outputs dir shared with the nodes (probe job {jid} "
-                                        f"on {mark.read_text().split()[-1]})")
+                                        f"on {node})")
                     log.info("Slurm: %s", self.probe_state)
                     return
                 rc, out, _ = await self.command("squeue", "-h", "-t", "all", "-j", jid, "-o",
@@ -343,7 +344,10 @@ class SlurmExecutor:
                     log.exception("following Slurm job %s failed", run.external_id)
             if time.monotonic() >= next_poll and self.attempts:
                 next_poll = time.monotonic() + self.settings.poll_s
-                await self._poll()
+                try:
+                    await self._poll()
+                except Exception:  # one bad answer must not stop following every job
+                    log.exception("asking Slurm about its jobs failed")
             await asyncio.sleep(self.settings.follow_s)
 
     async def _poll(self) -> None:
@@ -361,7 +365,9 @@ class SlurmExecutor:
             run = self.attempts.get(jid)
             if run is None:
                 continue
-            state, reason, node = seen.get(jid, ("GONE", "", run.node or ""))
+            state, reason, node = seen.get(jid) or await self._confirm_gone(run)
+            if not state:
+                continue  # Slurm could not say: ask again next time
             changed = (state, reason, node or run.node) != (run.state, run.reason, run.node)
             run.state, run.reason = state, reason
             run.node = node or run.node
@@ -372,6 +378,18 @@ class SlurmExecutor:
                 run.ended_at = None
                 continue
             await self._judge_end(run)
+
+    async def _confirm_gone(self, run: SlurmAttempt) -> tuple[str, str, str]:
+        """squeue left it out: ask scontrol, so a glitch never makes a running job look
+        gone (it would be resubmitted while it still trains into the same folder)."""
+        rc, out, err = await self.command("scontrol", "-o", "show", "job", run.external_id)
+        if rc == 0:
+            fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+            state = fields.get("JobState", "")
+            return state, fields.get("Reason", "").replace("None", ""), run.node or ""
+        if "Invalid job id" in err:
+            return "GONE", "", run.node or ""
+        return "", "", ""
 
     async def _judge_end(self, run: SlurmAttempt) -> None:
         """Slurm says it ended: its exit file says how, else Slurm's state does."""

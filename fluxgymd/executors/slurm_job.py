@@ -85,6 +85,12 @@ class SlurmSettings:
                  if k in SETTINGS}
         return replace(self, **fixed)
 
+    def probe_options(self) -> list[str]:
+        """What the shared-filesystem probe asks for: no GPU, no long time (it must not
+        wait behind training jobs for a GPU), but the partition and account options."""
+        return ([f"--partition={self.partition}"] if self.partition else []) + \
+            list(self.sbatch_args)
+
     def options(self) -> list[str]:
         opts = []
         if self.partition:
