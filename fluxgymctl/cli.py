@@ -238,8 +238,7 @@ def _status_once(ctx: Ctx, states: tuple[str, ...]) -> None:
         ("elapsed_s", "ELAPSED", lambda j: render.duration(j["elapsed_s"])),
         ("eta_s", "ETA", lambda j: render.duration(j["eta_s"])),
         ("attempts", "ATTEMPTS", lambda j: str(j["attempts"])),
-        ("reason", "REASON", lambda j: "" if j["state"] in ("running", "queued")
-         else j["reason"][:60]),
+        ("reason", "REASON", render.status_reason),
     ])
 
 

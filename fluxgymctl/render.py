@@ -161,6 +161,16 @@ def steps(job: dict[str, Any]) -> str:
     return f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else str(job["step"])
 
 
+def status_reason(j: dict) -> str:
+    """The status table's REASON: why it is not running as it should, if it is not; a job
+    waiting in Slurm's queue says why Slurm keeps it waiting."""
+    if j["state"] in ("running", "queued"):
+        return ""
+    if j["state"] == "starting" and j.get("executor") == "slurm" and j.get("external_state"):
+        return f"Slurm: {j['external_state']}"[:60]
+    return j["reason"][:60]
+
+
 def executor(j: dict) -> str:
     """Where the job's attempts run: this machine, or which Slurm job and node."""
     if j.get("executor", "local") == "local":

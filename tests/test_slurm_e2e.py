@@ -203,6 +203,8 @@ def test_two_jobs_run_at_once_and_a_third_waits_in_slurm(sd, cluster, tiny, stra
     assert why in ("PENDING (Resources)", "PENDING (Priority)"), why
     shown = sd.ctl("show", waiting["name"]).stdout
     assert f"slurm: job {waiting['external_id']}, {why}" in shown, shown
+    status = sd.ctl("status").stdout
+    assert "starting" in status and "Slurm: PEND" in status, status  # cut to 80 columns
     for name in names:
         j = sd.wait_state(name, "succeeded", 400)
         assert j["attempts"] == 1

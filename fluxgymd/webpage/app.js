@@ -111,6 +111,8 @@ async function select(id) {
   const w = j.watchdog;
   $("#watchdog").innerHTML = [["state", `${j.state}: ${j.reason || ""}`], ["restarts", w.restarts],
     ["no-progress", w.no_progress], ["step limit", fmtDuration(w.step_limit_s)], ["GPU rule", w.gpu],
+    ["runs on", j.executor === "slurm" ? `Slurm job ${j.external_id || "(not submitted yet)"}` +
+      `${j.node ? " on " + j.node : ""}${j.external_state ? ", " + j.external_state : ""}` : "this machine"],
     ["stall floor", fmtDuration(w.limits.stall_floor_s)], ["kill grace", fmtDuration(w.limits.kill_grace_s)],
     ["LoRA", j.lora || "-"]].map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
   $("#history").innerHTML = j.events.slice().reverse().map((e) =>
