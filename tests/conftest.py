@@ -68,6 +68,20 @@ FAST = {"watchdog__kill_grace_s": 3.0, "watchdog__backoff_s": 0.2, "watchdog__ba
 
 
 @pytest.fixture(scope="session")
+def cluster():
+    """A single-node Slurm in namespaces (slurm_cluster.py), shared by the session's tests;
+    skipped with the reason where it cannot run (not root)."""
+    from slurm_cluster import Cluster, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    c = Cluster(Path("/var/lib/fluxgymd-tests") / f"slurm-{os.getpid()}").start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny random Flux pipeline (root/model) and a small dataset (root/data), written by
     the trainer's own `python -m trainer.tiny` in a subprocess."""

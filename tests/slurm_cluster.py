@@ -46,6 +46,13 @@ def unavailable() -> str:
     return ""
 
 
+def slurm_config(cluster: "Cluster") -> dict:
+    """A test daemon's settings to run everything through this cluster: one CPU a job (two
+    at once on a 2-core machine), Slurm asked every 0.5 s, files read every 0.1 s."""
+    return {"executor": "slurm", "max_concurrent_jobs": 4, "slurm__bin_dir": str(cluster.bin),
+            "slurm__poll_s": 0.5, "slurm__follow_s": 0.1, "slurm__cpus_per_task": 1}
+
+
 class Cluster:
     def __init__(self, base: Path, cpus: int | None = None):
         self.base = base

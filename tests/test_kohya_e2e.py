@@ -330,3 +330,26 @@ def test_a_cancelled_kohya_run_keeps_a_state_at_the_step_it_reached(
           f"{first[-1] - saved}")
     assert first[-1] == saved and done["checkpoint_step"] == saved
     assert (out / f"ky-cancel-step{saved:08d}-state").is_dir()
+
+
+def test_a_kohya_run_through_slurm_sigkilled_on_its_node_resumes_exactly(
+        daemon_factory, cluster, kohya, straight, short_tmp):
+    """Any kind on any executor: sd-scripts in its own Python, in a Slurm batch job."""
+    from tests.conftest import FAST
+    from tests.slurm_cluster import slurm_config
+    d = daemon_factory("ky-slurm", **FAST, **slurm_config(cluster)).start()
+    try:
+        job = d.submit(kohya_job(short_tmp, "ky-slurm", kohya))
+        out = Path(d.outputs_dir) / "ky-slurm"
+        wait_log(out / "train.log", rf"state saved \S+ky-slurm-step{2 * EVERY:08d}-state")
+        first = d.job(job["id"])["external_id"]
+        assert d.job(job["id"])["executor"] == "slurm" and first
+        cluster.exec("kill", "-KILL", cluster.node_pid(out, 1))
+        done = d.wait_state(job["id"], "succeeded", timeout=600, interval=0.5)
+        assert done["attempts"] == 2 and done["external_id"] != first, done["reason"]
+        _, second = attempts((out / "train.log").read_text())
+        start, end, _ = executed(second)
+        assert start % EVERY == 0 and start >= 2 * EVERY and end == MAX_STEPS
+        assert lora_diff(out / "ky-slurm.safetensors", straight) == 0.0
+    finally:
+        cluster.cancel_all()

@@ -15,27 +15,12 @@ import pytest
 
 from conftest import FAST
 from fluxgymd.testing import wait_until
-from slurm_cluster import Cluster, unavailable
+from slurm_cluster import slurm_config
 from tinylora import assert_identical, job_file, lora
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    from pathlib import Path
-    import os
-    c = Cluster(Path("/var/lib/fluxgymd-tests") / f"slurm-{os.getpid()}").start()
-    yield c
-    c.stop()
-
-
 def slurm_daemon(daemon_factory, cluster, sub="d", **more):
-    config = dict(FAST, executor="slurm", max_concurrent_jobs=4,
-                  slurm__bin_dir=str(cluster.bin), slurm__poll_s=0.5, slurm__follow_s=0.1,
-                  slurm__cpus_per_task=1, **more)
-    return daemon_factory(sub, **config)
+    return daemon_factory(sub, **FAST, **slurm_config(cluster), **more)
 
 
 @pytest.fixture
