@@ -66,6 +66,8 @@ def ping(ctx: Ctx) -> None:
          "refused (allow_command_jobs is off)"),
         ("runtime dir", r["runtime_dir"]),
         ("state dir", r["state_dir"]), ("outputs", r["outputs_dir"]),
+        ("executor", "slurm: " + ((r.get("slurm") or {}).get("probe") or "?")
+         if r.get("executor") == "slurm" else "local (slurm for jobs that ask for it)"),
         ("alerts", _alerts_line(r.get("alerts") or {})),
         ("hooks", _hooks_line(r.get("alerts") or {})),
         ("round trip", f"{r['round_trip_ms']:.1f} ms"),

@@ -64,6 +64,8 @@ def test_a_lora_job_runs_through_slurm_to_succeeded(sd, cluster, tiny, straight)
     events = out / ".slurm" / "attempt-1.events"
     assert events.stat().st_mode & 0o077 == 0 and (out / ".slurm").stat().st_mode & 0o077 == 0
     assert sd.call("ping")["slurm"]["probe"].startswith("outputs dir shared with the nodes")
+    assert "executor      slurm: outputs dir shared with the nodes (probe job" in \
+        sd.ctl("ping").stdout
 
 
 def test_a_trainer_killed_on_its_node_is_resumed_as_a_new_slurm_job(sd, cluster, tiny,
