@@ -157,12 +157,27 @@ def test_the_pre_end_signal_of_a_time_limit_checkpoints_and_resumes(sd, cluster,
     pid = cluster.node_pid(out, 1)
     cluster.exec("kill", "-STOP", pid)
     cluster.exec("scontrol", "update", f"JobId={first}", "TimeLimit=60")
+    woken = []  # seen running again before the signal came (see the closing note of #13)
+
+    def signalled():
+        if "fluxgymd-slurm: SIGTERM passed on" in (out / "train.log").read_text():
+            return True
+        stat = cluster.exec("ps", "-o", "stat=", "-p", pid, check=False).stdout.strip()
+        if stat and not stat.startswith("T"):
+            woken.append(stat)
+            cluster.exec("kill", "-STOP", pid, check=False)
+        return False
+
     try:
-        wait_until(lambda: "fluxgymd-slurm: SIGTERM passed on" in
-                   (out / "train.log").read_text(), 150, 0.2, "Slurm's pre-end SIGTERM")
+        wait_until(signalled, 150, 0.1, "Slurm's pre-end SIGTERM")
     except AssertionError:
-        ctld = (cluster.base / "log" / "slurmctld.log").read_text()[-3000:]
-        raise AssertionError(f"no pre-end signal; slurmctld says:\n{ctld}") from None
+        ctld = (cluster.base / "log" / "slurmctld.log").read_text()[-1500:]
+        node_out = (out / ".slurm" / "attempt-1.out").read_text()[-1500:]
+        raise AssertionError(f"no pre-end signal in train.log; woken {woken}; "
+                             f"{history(sd, 'timelimit')}\n"
+                             f"attempt-1.out ends:\n{node_out}\nslurmctld says:\n{ctld}\n"
+                             f"the daemon says:\n{sd.logs()[-4000:]}") from None
+    print(f"the frozen trainer was found running again {len(woken)} time(s) before the signal")
     cluster.exec("kill", "-CONT", pid)
     j = sd.wait_state("timelimit", "succeeded", 300)
     assert (j["attempts"], j["restarts"]) == (2, 0) and j["external_id"] != first
