@@ -145,9 +145,9 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
         errors.append("slurm.sbatch_args must be a list of strings, e.g. [\"--qos=high\"]")
     else:
         errors += [f"slurm.sbatch_args may not hold {why}" for why in refused_options(sbatch_args)]
-    for key in ("signal_before_end_s", "cpus_per_task"):
-        if isinstance(slurm.get(key), int) and slurm[key] < (1 if key[0] == "s" else 0):
-            errors.append(f"slurm.{key} must be {'1' if key[0] == 's' else '0'} or more")
+    for key, least in (("signal_before_end_s", 1), ("cpus_per_task", 0)):
+        if isinstance(slurm.get(key), int) and slurm[key] < least:
+            errors.append(f"slurm.{key} must be {least} or more")
     watchdog = data.get("watchdog") if isinstance(data.get("watchdog"), dict) else {}
     for key, value in watchdog.items():
         if key in LIMIT_NAMES and isinstance(value, (int, float)) and value < 0:

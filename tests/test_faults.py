@@ -14,14 +14,10 @@ import textwrap
 import time
 
 from fluxgymd.testing import PY, pid_alive, wait_until, write_job
-from tinylora import assert_identical, job_file, lora
+from tinylora import assert_identical, history, job_file, lora, wait_checkpoint
 from conftest import FAST
 
 SEED = int(os.environ.get("FLUXGYM_TEST_SEED", time.time_ns() % 10_000))
-
-
-def history(d, ref):
-    return [(e["to_state"], e["reason"]) for e in d.job(ref)["events"]]
 
 
 def one_job_only(d, name):
@@ -31,14 +27,6 @@ def one_job_only(d, name):
 
 def submit_lora(d, tiny, name, **watchdog):
     d.submit(job_file(tiny, name, watchdog=watchdog or None))
-
-
-def wait_checkpoint(d, name, at_least=10):
-    """Until the job has a checkpoint and is training again after it."""
-    return wait_until(lambda: (j := d.job(name))["checkpoint_step"] is not None
-                      and j["checkpoint_step"] >= at_least and j["state"] == "running"
-                      and j["phase"] == "training" and j["step"] > j["checkpoint_step"] and j,
-                      120, 0.02, f"{name} training on after its checkpoint at {at_least}")
 
 
 def test_trainer_sigkilled_at_a_random_step_is_resumed_bit_identical(daemon, tiny, straight):

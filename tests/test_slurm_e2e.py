@@ -16,7 +16,7 @@ import pytest
 from conftest import FAST
 from fluxgymd.testing import wait_until
 from slurm_cluster import slurm_config
-from tinylora import assert_identical, job_file, lora
+from tinylora import assert_identical, history, job_file, lora, wait_checkpoint
 
 
 def slurm_daemon(daemon_factory, cluster, sub="d", **more):
@@ -30,15 +30,8 @@ def sd(daemon_factory, cluster):
     cluster.cancel_all()  # by Slurm job id, before the daemon is stopped
 
 
-def history(d, ref):
-    return [(e["to_state"], e["reason"]) for e in d.job(ref)["events"]]
-
-
-def training_after_checkpoint(d, name, at_least=10):
-    return wait_until(lambda: (j := d.job(name))["checkpoint_step"] is not None
-                      and j["checkpoint_step"] >= at_least and j["state"] == "running"
-                      and j["phase"] == "training" and j["step"] > j["checkpoint_step"] and j,
-                      180, 0.02, f"{name} training on after its checkpoint at {at_least}")
+def training_after_checkpoint(d, name):
+    return wait_checkpoint(d, name, timeout=180)  # the first attempt waits for Slurm too
 
 
 def test_a_lora_job_runs_through_slurm_to_succeeded(sd, cluster, tiny, straight):

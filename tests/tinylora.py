@@ -39,3 +39,15 @@ def assert_identical(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def history(d, ref):
+    """A job's (state, reason) transitions."""
+    return [(e["to_state"], e["reason"]) for e in d.job(ref)["events"]]
+
+
+def wait_checkpoint(d, name, at_least=10, timeout=120):
+    """Until the job has a checkpoint and is training again after it."""
+    from fluxgymd.testing import wait_until
+    return wait_until(lambda: (j := d.job(name))["checkpoint_step"] is not None
+                      and j["checkpoint_step"] >= at_least and j["state"] == "running"
+                      and j["phase"] == "training" and j["step"] > j["checkpoint_step"] and j,
+                      timeout, 0.02, f"{name} training on after its checkpoint at {at_least}")

@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from . import Exit
 from .slurm_job import (ACTIVE, COMMAND_TIMEOUT_S, EXIT_FILE_GRACE_S, LOST, ON_NODE,
-                        READ_BUDGET, TRANSIENT, Files, Follower, SlurmSettings, batch_script, events_endpoint,
-                        parse_exit_file, parse_squeue)
+                        READ_BUDGET, TRANSIENT, Files, Follower, SlurmSettings, batch_script,
+                        events_endpoint, parse_exit_file, parse_squeue)
 
 log = logging.getLogger("fluxgymd.slurm")
 __all__ = ["SlurmAttempt", "SlurmExecutor", "SlurmSettings", "events_endpoint"]
@@ -59,7 +59,6 @@ class SlurmAttempt:
     exited: asyncio.Future = None  # type: ignore[assignment]
     ended_at: float | None = None  # when Slurm said it ended (exit file grace)
     ran: bool = False  # it reached a node (else no exit file is coming)
-    detached: bool = False
     _signals: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
@@ -124,7 +123,6 @@ class SlurmAttempt:
 
     def detach(self) -> None:
         """Stop following it and leave it running (the daemon is stopping)."""
-        self.detached = True
         self._signals.put_nowait(None)
         self.executor.forget(self)
 
@@ -150,13 +148,10 @@ class SlurmAttempt:
 
 
 class SlurmExecutor:
-    name = "slurm"
-
     def __init__(self, settings: SlurmSettings, outputs_dir: Path):
         self.settings = settings
         self.outputs_dir = outputs_dir
         self.attempts: dict[str, SlurmAttempt] = {}  # by Slurm job id
-        self.submitting: set[SlurmAttempt] = set()
         self.problem = ""  # why no attempt can run (the probe failed)
         self.probe_state = "not checked"
         self._probed: asyncio.Future | None = None
@@ -167,18 +162,18 @@ class SlurmExecutor:
     def _exe(self, name: str) -> str:
         return str(Path(self.settings.bin_dir) / name) if self.settings.bin_dir else name
 
-    async def command(self, name: str, *args: str, env: dict[str, str] | None = None,
-                      stdin: bytes | None = None) -> tuple[int, str, str]:
+    async def command(self, name: str, *args: str, env: dict[str, str] | None = None
+                      ) -> tuple[int, str, str]:
         try:
             proc = await asyncio.create_subprocess_exec(
                 self._exe(name), *args, env=env,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)
         except OSError as e:
             return 127, "", f"cannot run {self._exe(name)}: {e.strerror or e}"
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), COMMAND_TIMEOUT_S)
+            out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -226,9 +221,8 @@ class SlurmExecutor:
                                         f"on {node})")
                     log.info("Slurm: %s", self.probe_state)
                     return
-                rc, out, _ = await self.command("squeue", "-h", "-t", "all", "-j", jid, "-o",
-                                                "%i|%T|%r|%N")
-                state, reason, node = parse_squeue(out).get(jid, ("", "", ""))
+                _, seen, _ = await self._squeue([jid])
+                state, reason, node = seen.get(jid, ("", "", ""))
                 if state in ACTIVE:
                     self.probe_state = f"probe job {jid} {state}" + \
                         (f" ({reason})" if reason else "")
@@ -261,47 +255,43 @@ class SlurmExecutor:
         files = Files(folder, attempt)
         run = SlurmAttempt(self, files, on_output, on_event, on_status)
         run.out, run.events = Follower(files.out), Follower(files.events, private=True)
-        self.submitting.add(run)
         asyncio.get_running_loop().create_task(
             self._submit(run, title, job_name, argv, env, cwd, settings))
         return run
 
     async def _submit(self, run: SlurmAttempt, title: str, job_name: str, argv: list[str],
                       env: dict[str, str], cwd: str | None, settings: SlurmSettings) -> None:
+        problem = await self.ready()
+        if problem:
+            run.finish(Exit(None, None, text=f"not submitted: {problem}", fatal=True))
+            return
+        files = run.files
         try:
-            problem = await self.ready()
-            if problem:
-                run.finish(Exit(None, None, text=f"not submitted: {problem}", fatal=True))
-                return
-            files = run.files
-            try:
-                files.script.parent.mkdir(mode=0o700, exist_ok=True)
-                os.chmod(files.script.parent, 0o700)
-                for stale in (files.exit, files.node, files.out, files.events):
-                    stale.unlink(missing_ok=True)
-                # ours, private, before the trainer opens it to append
-                os.close(os.open(files.events, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                files.script.write_text(batch_script(argv, cwd, files, title))
-            except OSError as e:
-                run.finish(Exit(None, None, text=f"could not write its Slurm files: {e}",
-                                fatal=True))
-                return
-            rc, out, err = await self.command(
-                "sbatch", "--parsable", f"--job-name={job_name}", f"--output={files.out}",
-                "--open-mode=append", "--no-requeue", f"--chdir={files.folder}",
-                *settings.options(), str(files.script), env=env)
-            if rc != 0:
-                why = _first_line(err or out) or f"exit {rc}"
-                run.finish(Exit(None, None, text=f"sbatch failed: {why}",
-                                fatal=not any(t in why for t in TRANSIENT)))
-                return
-            run.external_id = out.strip().split(";")[0]
-            run.state = "PENDING"
-            self.attempts[run.external_id] = run
-            run.on_status(run)
-            self._ensure_polling()
-        finally:
-            self.submitting.discard(run)
+            files.script.parent.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(files.script.parent, 0o700)
+            for stale in (files.exit, files.node, files.out, files.events):
+                stale.unlink(missing_ok=True)
+            # ours, private, before the trainer opens it to append
+            os.close(os.open(files.events, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            files.script.write_text(batch_script(argv, cwd, files, title))
+        except OSError as e:
+            run.finish(Exit(None, None, text=f"could not write its Slurm files: {e}",
+                            fatal=True))
+            return
+        rc, out, err = await self.command(
+            "sbatch", "--parsable", f"--job-name={job_name}", f"--output={files.out}",
+            "--open-mode=append", "--no-requeue", f"--chdir={files.folder}",
+            *settings.options(), str(files.script), env=env)
+        if rc != 0:
+            why = _first_line(err or out) or f"exit {rc}"
+            run.finish(Exit(None, None, text=f"sbatch failed: {why}",
+                            fatal=not any(t in why for t in TRANSIENT)))
+            return
+        run.external_id = out.strip().split(";")[0]
+        run.state = "PENDING"
+        self.attempts[run.external_id] = run
+        run.on_status(run)
+        self._ensure_polling()
 
     def adopt(self, folder: Path, attempt: int, external_id: str, out_offset: int,
               events_offset: int, on_output, on_event, on_status) -> SlurmAttempt:
@@ -352,15 +342,13 @@ class SlurmExecutor:
 
     async def _poll(self) -> None:
         ids = sorted(self.attempts, key=int)
-        rc, out, err = await self.command("squeue", "-h", "-t", "all", "-j", ",".join(ids),
-                                          "-o", "%i|%T|%r|%N")
+        rc, seen, err = await self._squeue(ids)
         if rc != 0 and "Invalid job id" not in err:
             if time.monotonic() - self._complaint_at > 60:
                 self._complaint_at = time.monotonic()
                 log.warning("squeue failed (exit %s): %s; Slurm jobs are judged when it "
                             "answers again", rc, _first_line(err))
             return
-        seen = parse_squeue(out) if rc == 0 else {}
         for jid in ids:
             run = self.attempts.get(jid)
             if run is None:
@@ -379,12 +367,23 @@ class SlurmExecutor:
                 continue
             await self._judge_end(run)
 
+    async def _squeue(self, ids: list[str]) -> tuple[int, dict[str, tuple[str, str, str]], str]:
+        """(exit code, {id: (state, reason, node)}, stderr) for these Slurm jobs, ended
+        ones included while Slurm remembers them."""
+        rc, out, err = await self.command("squeue", "-h", "-t", "all", "-j", ",".join(ids),
+                                          "-o", "%i|%T|%r|%N")
+        return rc, parse_squeue(out) if rc == 0 else {}, err
+
+    async def _scontrol(self, run: SlurmAttempt) -> tuple[int, dict[str, str], str]:
+        """(exit code, the job's KEY=VALUE fields, stderr) from `scontrol -o show job`."""
+        rc, out, err = await self.command("scontrol", "-o", "show", "job", run.external_id)
+        return rc, dict(w.split("=", 1) for w in out.split() if "=" in w), err
+
     async def _confirm_gone(self, run: SlurmAttempt) -> tuple[str, str, str]:
         """squeue left it out: ask scontrol, so a glitch never makes a running job look
         gone (it would be resubmitted while it still trains into the same folder)."""
-        rc, out, err = await self.command("scontrol", "-o", "show", "job", run.external_id)
+        rc, fields, err = await self._scontrol(run)
         if rc == 0:
-            fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
             state = fields.get("JobState", "")
             return state, fields.get("Reason", "").replace("None", ""), run.node or ""
         if "Invalid job id" in err:
@@ -427,14 +426,12 @@ class SlurmExecutor:
         if state == "CANCELLED":
             return Exit(None, signal.SIGKILL,
                         text=f"Slurm job {run.external_id} was cancelled in Slurm")
-        rc, out, _ = await self.command("scontrol", "-o", "show", "job", run.external_id)
-        for word in out.split():
-            if word.startswith("ExitCode="):
-                code, _, sig = word[len("ExitCode="):].partition(":")
-                if sig.isdigit() and int(sig):
-                    return Exit(None, int(sig))
-                if code.isdigit():
-                    return Exit(int(code), None)
+        _, fields, _ = await self._scontrol(run)
+        code, _, sig = fields.get("ExitCode", "").partition(":")
+        if sig.isdigit() and int(sig):
+            return Exit(None, int(sig))
+        if code.isdigit():
+            return Exit(int(code), None)
         return Exit(None, None, text=f"Slurm job {run.external_id} ended {state} with no "
                     "exit code on record")
 
