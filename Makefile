@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 DEMO_RUN := $(or $(XDG_RUNTIME_DIR),/tmp)/fluxgymd-demo-$(shell id -u)
 
-.PHONY: demo test venv clean install uninstall
+.PHONY: demo test check venv clean install uninstall
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The inner loop: the tests that start no daemon, trainer, cluster or browser (see the e2e
+# marker in tests/conftest.py). `make test` is still the whole suite, and what CI runs.
+check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
 
 # fluxgymd in the foreground (its log on this terminal, its dashboard on a free local port), a
 # tiny random Flux and dataset
@@ -41,7 +46,9 @@ demo: $(STAMP)
 	$$ctl status; \
 	$$ctl wait $$name; \
 	echo; echo "demo finished: the LoRA is outputs/$$name/$$name.safetensors"; \
-	ls -l outputs/$$name
+	ls -l outputs/$$name; \
+	echo "next: kohya sd-scripts jobs run once a checkout is allowed: checkouts = [\"/path/to/sd-scripts\"]" \
+		"under [kohya] in fluxgymd.toml (README: Running kohya sd-scripts under fluxgymd)"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

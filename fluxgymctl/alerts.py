@@ -4,12 +4,11 @@ from __future__ import annotations
 import click
 
 from . import render
-from .cli import cli
 from .context import Ctx, command, fail
 from .exitcodes import Exit
 
 
-@cli.group(short_help="Alerts: send a test webhook.")
+@click.group(short_help="Alerts: send a test webhook.")
 def notify() -> None:
     """The webhook fluxgymd sends alerts to ([notify] in fluxgymd.toml)."""
 

@@ -15,7 +15,6 @@ from fluxgymd.protocol import MAX_MESSAGE_BYTES, OPS, PRIORITY_RANGE
 from . import render
 from .context import DONE, Ctx, command, fail
 from .exitcodes import Exit
-from .follow import finish_wait, follow_logs, print_lines, wait_for
 
 # The job file travels inside one request, with room for the envelope.
 MAX_JOB_FILE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
@@ -27,7 +26,29 @@ def _range(op: str, arg: str) -> click.IntRange:
     return click.IntRange(spec.minimum, spec.maximum)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in modules of their own, imported only when one of them runs (or for
+# --help): `fluxgymctl status` must not pay for the importer's or top's imports.
+LAZY = {
+    "import": "importer:import_", "top": "top:top", "notify": "alerts:notify",
+    **{name: f"queue:{name}" for name in ("remove", "clean", "pause", "resume", "move",
+                                            "config")},
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, attr = LAZY[name].split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="fluxgymctl",
                       message="%(prog)s %(version)s")
 @click.option("--runtime-dir", envvar="FLUXGYM_RUNTIME_DIR", metavar="DIR",
@@ -64,6 +85,9 @@ def ping(ctx: Ctx) -> None:
          f"running, {r.get('max_concurrent_jobs')} job(s) at once"),
         ("command jobs", "allowed" if r.get("allow_command_jobs") else
          "refused (allow_command_jobs is off)"),
+        ("kohya jobs", "any checkout (command jobs are allowed)" if r.get("allow_command_jobs")
+         else "from " + ", ".join(r["kohya_checkouts"]) if r.get("kohya_checkouts") else
+         "refused until a checkout is listed (checkouts under [kohya])"),
         ("runtime dir", r["runtime_dir"]),
         ("state dir", r["state_dir"]), ("outputs", r["outputs_dir"]),
         ("executor", "slurm: " + ((r.get("slurm") or {}).get("probe") or "?")
@@ -168,6 +192,8 @@ def submit(ctx: Ctx, job_file: str, name: str, priority: int, wait_: bool,
         return
     if not ctx.json:
         click.echo(f"job {job['id']} ({job['name']}) {job['state']}; waiting...")
+    from .follow import finish_wait, wait_for  # only commands that follow a job need it
+
     finish_wait(ctx, wait_for(ctx, str(job["id"]), wait_timeout))
 
 
@@ -256,7 +282,9 @@ def show(ctx: Ctx, job: str) -> None:
         ("job", f"{j['id']} ({j['name']}, {j['kind']})"),
         ("state", f"{j['state']}: {j['reason']}"),
         ("progress", f"{render.steps(j)} ({render.percent(j['progress'])}), phase "
-                     f"{j['phase'] or '-'}"),
+                     f"{j['phase'] or '-'}" + (f"; attempt {j['attempts']} resumes from its "
+                                               "newest checkpoint and has reported no step yet"
+                                               if j.get("step_from") == "checkpoint" else "")),
         ("priority", str(j.get("priority", 0))),
         ("loss / lr", f"{render.number(j['loss'])} / {render.number(j['lr'])}"),
         ("attempts", f"{j['attempts']} (restarts {j['restarts']})"),
@@ -303,6 +331,8 @@ def logs(ctx: Ctx, job: str, lines: int, follow: bool, timestamps: bool) -> None
     """Print a job's output (stdout and stderr, tqdm bars split into lines).
 
     With --json, one JSON object per line: {"seq", "line"} (and "time" with -t)."""
+    from .follow import follow_logs, print_lines
+
     if not follow:
         r = ctx.call("logs", job=job, lines=lines, timestamps=timestamps)
         if ctx.json:
@@ -321,6 +351,8 @@ def cancel(ctx: Ctx, job: str, no_wait: bool) -> None:
     """Stop JOB: SIGTERM to its whole process group, SIGKILL after the grace period."""
     j = ctx.call("cancel", job=job)
     if not no_wait and j["state"] not in DONE:
+        from .follow import wait_for
+
         j = wait_for(ctx, str(j["id"]), None)
     if ctx.json:
         return render.emit_json(j)
@@ -348,6 +380,8 @@ def wait(ctx: Ctx, job: str, wait_timeout: float | None) -> None:
 
     An interrupted job resumes, so waiting goes on; while fluxgymd restarts, wait says so
     and reconnects (for up to two minutes)."""
+    from .follow import finish_wait, wait_for
+
     finish_wait(ctx, wait_for(ctx, job, wait_timeout))
 
 
@@ -371,10 +405,3 @@ def metrics(ctx: Ctx, job: str, limit: int) -> None:
 
 def main() -> None:
     cli(prog_name="fluxgymctl")
-
-
-# queue control lives in its own module; importing it registers its commands on `cli`
-from . import alerts as _alerts  # noqa: E402,F401
-from . import importer as _importer  # noqa: E402,F401
-from . import queue as _queue  # noqa: E402,F401
-from . import top as _top  # noqa: E402,F401

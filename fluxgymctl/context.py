@@ -32,15 +32,11 @@ class Ctx:
         return self._client
 
     def call(self, op: str, **args: Any) -> Any:
-        # a kohya job is checked by sd-scripts' own parser at submit (seconds, not ms), and a
-        # test alert waits out the webhook's retries
-        timeout = max(self.client.timeout, SLOW_OPS[op]) if op in SLOW_OPS else None
-        result = self.client.call(op, timeout=timeout, **args)
+        # --timeout bounds the daemon's silence: a slow answer (a kohya job's submit runs
+        # sd-scripts' parser) comes with heartbeats, a frozen daemon sends none
+        result = self.client.call(op, **args)
         self.reached = True
         return result
-
-
-SLOW_OPS = {"submit": 330.0, "notify_test": 3600.0}
 
 
 def fail(ctx: Ctx, code: Exit, message: str, error_code: str = "") -> None:

@@ -8,7 +8,6 @@ import click
 import tomli_w
 
 from . import render
-from .cli import cli
 from .context import Ctx, command, fail
 from .exitcodes import Exit
 from fluxgymd.fluxgym import FluxGymImportError, locate, read_script
@@ -27,7 +26,7 @@ def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
-@cli.command("import", short_help="A FluxGym train.sh as a job file.")
+@click.command("import", short_help="A FluxGym train.sh as a job file.")
 @click.argument("path")
 @click.option("--name", help="The job's name (default: the script's --output_name).")
 @click.option("--as-lora", is_flag=True, help="A job for fluxgymd's own trainer (kind = "
@@ -70,7 +69,8 @@ def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | 
                "train": imp.train}
         head = [f"# Imported from {source} by fluxgymctl import --as-lora."]
         head += [f"# No counterpart here: {x}" for x in imp.no_counterpart]
-        missing, notes = imp.missing, [f"no counterpart: {x}" for x in imp.no_counterpart]
+        missing = imp.missing
+        notes = imp.notes + [f"no counterpart: {x}" for x in imp.no_counterpart]
     else:
         notes = list(ky.notes)
         if ky.dataset_copy is not None:
@@ -86,8 +86,14 @@ def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | 
                              "so its remapped copy can be written beside the job")
         doc = {"job": {"name": ky.name, "kind": "kohya", "description": f"imported from {source}"},
                "kohya": ky.kohya}
+        checkout = ky.kohya.get("sd_scripts", "")
         head = [f"# Imported from {source} by fluxgymctl import.",
-                "# fluxgymd adds --output_dir, --save_state and the state intervals itself."]
+                "# fluxgymd adds --output_dir, --save_state and the state intervals itself.",
+                "# fluxgymd runs kohya jobs only from the checkouts its administrator allows:",
+                f"#   checkouts = [\"{checkout}\"] under [kohya] in fluxgymd.toml, then reload."]
+        notes.append(f"fluxgymd runs it only if it allows this checkout: checkouts = "
+                     f"[\"{checkout}\"] under [kohya] in its fluxgymd.toml (then systemctl "
+                     "reload fluxgymd)")
         missing = ky.missing
     head += [f"# Not found here: {x}" for x in missing]
     text = "\n".join(head) + "\n\n" + tomli_w.dumps(doc).rstrip("\n") + "\n"

@@ -8,7 +8,6 @@ import click
 from fluxgymd.protocol import PRIORITY_RANGE, RUNTIME_SETTINGS
 
 from . import render
-from .cli import cli
 from .context import Ctx, command, fail
 from .exitcodes import Exit
 
@@ -23,7 +22,7 @@ def _removed(ctx: Ctx, r: dict[str, Any]) -> None:
         click.echo(f"removed job {j['id']} ({j['name']}, {j['state']}); {kept}")
 
 
-@cli.command(short_help="Forget jobs that are not running (outputs kept unless asked).")
+@click.command(short_help="Forget jobs that are not running (outputs kept unless asked).")
 @click.argument("jobs", nargs=-1, required=True)
 @click.option("--delete-outputs", is_flag=True, help="Also delete each job's output folder "
               "(checkpoints, LoRA, log).")
@@ -34,7 +33,7 @@ def remove(ctx: Ctx, jobs: tuple[str, ...], delete_outputs: bool) -> None:
     _removed(ctx, ctx.call("remove", jobs=list(jobs), delete_outputs=delete_outputs))
 
 
-@cli.command(short_help="Forget finished jobs (outputs kept unless asked).")
+@click.command(short_help="Forget finished jobs (outputs kept unless asked).")
 @click.option("--state", "states", multiple=True, type=click.Choice(["succeeded", "failed",
               "cancelled"]), help="Only jobs in this state (repeatable; default: all three).")
 @click.option("--delete-outputs", is_flag=True, help="Also delete their output folders.")
@@ -44,7 +43,7 @@ def clean(ctx: Ctx, states: tuple[str, ...], delete_outputs: bool) -> None:
     _removed(ctx, ctx.call("clean", states=list(states) or None, delete_outputs=delete_outputs))
 
 
-@cli.command(short_help="Hold queued jobs; running ones go on.")
+@click.command(short_help="Hold queued jobs; running ones go on.")
 @command
 def pause(ctx: Ctx) -> None:
     """Pause the queue: no queued job starts until `resume`; running jobs go on. Kept
@@ -55,7 +54,7 @@ def pause(ctx: Ctx) -> None:
     click.echo(f"queue paused ({r['summary']})")
 
 
-@cli.command(short_help="Start queued jobs again after a pause.")
+@click.command(short_help="Start queued jobs again after a pause.")
 @command
 def resume(ctx: Ctx) -> None:
     """Resume the queue after `pause`."""
@@ -65,7 +64,7 @@ def resume(ctx: Ctx) -> None:
     click.echo(f"queue running ({r['summary']})")
 
 
-@cli.command(short_help="Reorder a queued job (--first, --last, --priority).")
+@click.command(short_help="Reorder a queued job (--first, --last, --priority).")
 @click.argument("job")
 @click.option("--first", "to", flag_value="first", help="Run it next.")
 @click.option("--last", "to", flag_value="last", help="Run it after every other queued job.")
@@ -82,7 +81,7 @@ def move(ctx: Ctx, job: str, to: str | None, priority: int | None) -> None:
     click.echo(f"job {j['id']} ({j['name']}) {j['state']}, priority {j['priority']}")
 
 
-@cli.command(short_help="Show or change settings at run time.")
+@click.command(short_help="Show or change settings at run time.")
 @click.argument("action", type=click.Choice(["show", "set", "reset"]), default="show")
 @click.argument("key", required=False, type=click.Choice(sorted(RUNTIME_SETTINGS)))
 @click.argument("value", required=False, type=int)

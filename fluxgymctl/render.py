@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -58,8 +57,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str 
         return
     headers = [h for _, h, _ in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    if os.environ.get("COLUMNS"):  # a pipe has no width, unless one is asked for
-        widths = fit(widths, [key for key, _, _ in columns], shutil.get_terminal_size().columns)
+    columns_env = os.environ.get("COLUMNS", "")
+    if columns_env.isdigit() and int(columns_env):  # a pipe has no width, unless asked for
+        widths = fit(widths, [key for key, _, _ in columns], int(columns_env))
     cells = [[clip(c, w) for c, w in zip(row, widths)] for row in cells]
     out = [_line(headers, widths, columns)]
     out += [_line(row, widths, columns) for row in cells]

@@ -23,7 +23,6 @@ import click
 import zmq
 
 from . import render
-from .cli import cli
 from .context import Ctx, command
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -175,7 +174,7 @@ def snapshot(view: View) -> None:
         click.echo(line.rstrip())
 
 
-@cli.command(short_help="A live full-terminal view: jobs, loss trend, GPUs, logs.")
+@click.command(short_help="A live full-terminal view: jobs, loss trend, GPUs, logs.")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit (also when not on a "
               "terminal).")
 @command

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import run_daemon  # after logging, so import-time messages are formatted
 
     try:
-        return run_daemon(cfg, journal)
+        return run_daemon(cfg, journal, lambda: load(args.config, flags))
     except OSError as e:
         logging.getLogger("fluxgymd").error("cannot start: %s", e)
         return 1

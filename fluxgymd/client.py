@@ -109,10 +109,15 @@ class Client:
         return sock.recv_multipart()
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        """The op's result. `timeout` (default: the client's) bounds how long the daemon may
+        stay silent: it sends a heartbeat every second while an answer takes longer."""
         rid = str(next(self._ids))
-        frames = self.send_raw([request(op, args, rid)], timeout)
+        frames = self.send_raw([request(op, args, rid, heartbeat=True)], timeout)
         while True:
             reply = json.loads(frames[-1])
+            if str(reply.get("id")) == rid and reply.get("working"):
+                frames = self._recv(timeout)  # still at it: the silence starts again
+                continue
             if str(reply.get("id")) == rid:
                 break
             if reply.get("id") == "" and not reply.get("ok"):

@@ -71,6 +71,8 @@ KEYS = [
     Key("watchdog", "gpu_probe", str, "auto"),
     Key("watchdog", "gpu_poll_s", float, 5.0, minimum=0.1),
     Key("kohya", "save_every_n_steps", int, 100, minimum=1),
+    # ["DIR", { path = "DIR", python = "PY" }, ...]; environment: DIRs joined by ":"
+    Key("kohya", "checkouts", list, []),
     Key("notify", "url", str, ""),
     Key("notify", "url_file", str, ""),
     Key("notify", "format", str, "json"),
@@ -107,6 +109,11 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 def _coerce(key: Key, value: Any, where: str) -> Any:
     full = f"{key.section}.{key.name}"
+    if key.type is list:
+        if isinstance(value, str) and where.startswith("environment"):
+            value = [v for v in value.split(os.pathsep) if v.strip()]
+        if full == "kohya.checkouts":
+            return _checkouts(value, f"{where}: {full}")
     if key.type is bool:
         if isinstance(value, str) and where.startswith("environment") \
                 and value.strip().lower() in _BOOL_WORDS:
@@ -137,6 +144,32 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
             and not value.startswith("file:"):
         raise ConfigError(f"{where}: {full} must be auto, nvml, none or file:PATH")
     return value
+
+
+def _checkouts(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """[kohya] checkouts as (checkout folder, its Python or "" for the one found in it), each
+    an absolute path with ~ expanded."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list, e.g. checkouts = [\"/opt/fluxgym/sd-scripts\"]")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, python = item, ""
+        elif isinstance(item, dict) and set(item) <= {"path", "python"} \
+                and isinstance(item.get("path"), str) \
+                and isinstance(item.get("python", ""), str):
+            path, python = item["path"], item.get("python", "")
+        else:
+            raise ConfigError(f"{where}: {item!r:.80} is not a folder; give \"DIR\" or "
+                              "{ path = \"DIR\", python = \"DIR/venv/bin/python\" }")
+        for what, p in (("path", path), ("python", python)):
+            if p and not os.path.isabs(os.path.expanduser(p)):
+                raise ConfigError(f"{where}: {what} {p!r} must be an absolute path")
+        if not path.strip():
+            raise ConfigError(f"{where}: an empty folder name")
+        out.append((os.path.normpath(os.path.expanduser(path)),
+                    os.path.normpath(os.path.expanduser(python)) if python else ""))
+    return tuple(out)
 
 
 def read_file(path: Path) -> dict[tuple[str, str], Any]:
@@ -192,6 +225,7 @@ class Config:
     gpu_probe: str
     gpu_poll_s: float
     kohya_save_every_n_steps: int = 100
+    kohya_checkouts: tuple[tuple[str, str], ...] = ()  # (folder, its Python or "")
     executor: str = "local"
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -250,6 +284,7 @@ def load(
         gpu_probe=values["watchdog.gpu_probe"],
         gpu_poll_s=values["watchdog.gpu_poll_s"],
         kohya_save_every_n_steps=values["kohya.save_every_n_steps"],
+        kohya_checkouts=tuple(values["kohya.checkouts"]),
         executor=values["daemon.executor"], slurm=_slurm(values),
         web=_web(values, resolved["state_dir"]),
         notify=_notify(values), hooks=HooksConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import fcntl
 import logging
 import os
@@ -17,20 +18,21 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
 
-from . import __version__
-from .config import Config
+from . import __version__, procs
+from .config import Config, ConfigError
 from .joblog import JobLog
 from .journal import Journal
 from .alerts import Alerts
 from .notify import Notifier, summary
 from .operations import Operations
 from .probes import make_gpu_probe
-from .protocol import CONTROL_SOCKET, EVENTS_SOCKET, PROGRESS_SOCKET, TOPIC_STATE, encode
+from .protocol import (CONTROL_SOCKET, EVENTS_SOCKET, PROGRESS_SOCKET, TOPIC_STATE,
+                       FluxgymError, encode)
 from .runs import Run, Runs
 from .server import ControlServer
 from .stalls import Stalls
@@ -60,10 +62,18 @@ def _waiting_or_active(counts: dict[str, int]) -> int:
     return sum(counts.get(s.value, 0) for s in ACTIVE | {S.QUEUED})
 
 
+# What a reload (SIGHUP, systemctl reload) cannot change: where things are, the sockets'
+# and the journal's plumbing, where attempts run, the dashboard, the alerts' senders.
+RESTART_ONLY = ("state_dir", "runtime_dir", "outputs_dir", "journal", "journal_socket",
+                "gpu_probe", "executor", "slurm", "notify", "hooks", "web", "config_file")
+
+
 class Daemon(Runs, Stalls, Operations):
-    def __init__(self, cfg: Config, journal: Journal | None = None):
+    def __init__(self, cfg: Config, journal: Journal | None = None,
+                 load_config: Callable[[], Config] | None = None):
         self.cfg = cfg
         self.journal = journal
+        self.load_config = load_config  # the config as the files and flags give it now
         self.runs: dict[int, Run] = {}
         # jobs waiting out a restart backoff; they keep their slot in the queue
         self.recovering: dict[int, asyncio.TimerHandle] = {}
@@ -156,18 +166,9 @@ class Daemon(Runs, Stalls, Operations):
             self.slurm.check_shared()
         left = [j for j in left if not await self._take_up(j)]
         self.restoring = {j["id"] for j in left}
-        alive = [j for j in left if same_process(j["pid"], j["pid_started"])]
-        for j in alive:
-            log.info("job %s (%s): waiting for the process group %s a previous fluxgymd left "
-                     "running to exit (SIGTERM, SIGKILL after %gs)", j["id"], j["name"],
-                     j["pid"], self.cfg.kill_grace_s,
-                     extra={"job_id": j["id"], "job_name": j["name"]})
-        if alive:
-            self.notifier.status(f"stopping {len(alive)} leftover job process group(s)")
-        await asyncio.gather(*(kill_orphan_group(j["pid"], j["pid_started"],
-                                                 self.cfg.kill_grace_s) for j in alive))
+        stopped = await self._stop_leftovers(left)
         for job in left:
-            note = f"; stopped its leftover process group {job['pid']}" if job in alive else ""
+            note = stopped.get(job["id"], "")
             job = self.store.get(job["id"])  # a cancel may have come in meanwhile
             if job["cancel_requested"]:
                 self._transition(job["id"], S.CANCELLED,
@@ -183,6 +184,48 @@ class Daemon(Runs, Stalls, Operations):
         self.restored.set()
         self.alerts.on_queue(_waiting_or_active(self.store.counts()))  # arms on_idle at start
         self.schedule()
+
+    async def _stop_leftovers(self, left: list[dict[str, Any]]) -> dict[int, str]:
+        """Stop every process that an attempt of this store left running: found by the
+        token in its environment (an attempt whose pid was never stored, a process that left
+        its group) and by the stored group. {job id: what was stopped, for its history}."""
+        taken_up = {r.child.pid for r in self.runs.values() if r.child is not None}
+        found: dict[int, list[procs.Proc]] = {}
+        for pid, token in procs.with_tokens(self.store.id + ".").items():
+            owner = procs.job_of(token)
+            if owner is not None and pid not in taken_up:
+                found.setdefault(owner[1], []).append(procs.Proc(pid))
+        groups = [j for j in left if same_process(j["pid"], j["pid_started"])]
+        jobs = {j["id"]: j for j in left}
+        for job_id, found_procs in found.items():
+            try:
+                name = jobs[job_id]["name"] if job_id in jobs else self.store.get(job_id)["name"]
+            except FluxgymError:
+                name = "removed"
+            log.info("job %s (%s): stopping %d process(es) a previous fluxgymd left running "
+                     "(pids %s; SIGTERM, SIGKILL after %gs)", job_id, name, len(found_procs),
+                     " ".join(str(p.pid) for p in found_procs), self.cfg.kill_grace_s,
+                     extra={"job_id": job_id, "job_name": name})
+        for j in groups:
+            log.info("job %s (%s): waiting for the process group %s a previous fluxgymd left "
+                     "running to exit (SIGTERM, SIGKILL after %gs)", j["id"], j["name"],
+                     j["pid"], self.cfg.kill_grace_s,
+                     extra={"job_id": j["id"], "job_name": j["name"]})
+        if found or groups:
+            self.notifier.status(f"stopping what {len(set(found) | {j['id'] for j in groups})} "
+                                 "job(s) left running")
+        counts = await asyncio.gather(
+            *(procs.stop_all(ps, self.cfg.kill_grace_s) for ps in found.values()),
+            *(kill_orphan_group(j["pid"], j["pid_started"], self.cfg.kill_grace_s)
+              for j in groups))
+        stopped: dict[int, list[str]] = {}
+        for j, was in zip(groups, counts[len(found):]):
+            if was:
+                stopped.setdefault(j["id"], []).append(f"its leftover process group {j['pid']}")
+        for job_id, n in zip(found, counts):
+            if n:
+                stopped.setdefault(job_id, []).append(f"{n} process(es) it left running")
+        return {job_id: "; stopped " + " and ".join(what) for job_id, what in stopped.items()}
 
     async def _take_up(self, job: dict[str, Any]) -> bool:
         """A Slurm job outlives the daemon: the same attempt goes on, followed again."""
@@ -204,14 +247,28 @@ class Daemon(Runs, Stalls, Operations):
         return True
 
     # --- the loop -------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        # at once, not when shutdown() begins: a restore still under way must start nothing
+        self.stopping = True
+        self._stop.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._begin_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # orphans of our jobs come to us (a process that left its job is found and stopped);
+        # as PID 1 of a container every orphan does: reap those nobody waits for
+        if not procs.become_subreaper():
+            log.warning("could not become a child subreaper: a process that leaves its job "
+                        "is found by its token only while it is running")
+        self.reaper = procs.Reaper(lambda: [r.child.pid for r in self.runs.values()
+                                            if r.child is not None and r.child.pid])
+        self.reaper.install(loop)
         if self.cfg.web.listen:
             # up before the control socket answers, so `web-url` right after a ping works
             from .web import Web  # aiohttp's server only when the dashboard is on
-            web = Web(self)
+            web = Web(self.cfg.web, self._handlers(), self._find, self._figures)
             await web.start()
             self.web = web
         self._spawn(self.control.serve())
@@ -232,6 +289,50 @@ class Daemon(Runs, Stalls, Operations):
             await restore  # leftovers are killed either way; let it record them
         await self.shutdown()
         await self.alerts.close()
+
+    def reload(self) -> None:
+        """SIGHUP: read the config again and apply what can change while jobs run:
+        max_concurrent_jobs (unless `fluxgymctl config` set it), allow_command_jobs, [kohya]
+        (checkouts, save_every_n_steps), the watchdog's limits (for attempts that start from
+        now on), [logs], gpu_poll_s and log_level. Every other key that changed is logged
+        as needing a restart; a config that does not load changes nothing."""
+        if self.load_config is None or self.stopping:
+            return
+        self.notifier.reloading()
+        try:
+            new = self.load_config()
+        except (ConfigError, OSError) as e:
+            log.error("reload: the config does not load, nothing changed: %s", e)
+            self.notifier.ready(self._summary())
+            return
+        old = self.cfg
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if getattr(new, f.name) != getattr(old, f.name)]
+        later = [k for k in changed if k in RESTART_ONLY]
+        self.cfg = dataclasses.replace(new, **{k: getattr(old, k) for k in RESTART_ONLY})
+        applied = [k for k in changed if k not in RESTART_ONLY]
+        if "log_level" in applied:
+            logging.getLogger().setLevel(new.log_level.upper())
+        if "max_concurrent_jobs" in applied:
+            if self.store.setting("max_concurrent_jobs") is None:
+                self.max_concurrent = new.max_concurrent_jobs
+            else:
+                log.info("reload: max_concurrent_jobs stays %s, set at run time with "
+                         "fluxgymctl config (`fluxgymctl config reset max_concurrent_jobs` "
+                         "takes the file's %s)", self.max_concurrent, new.max_concurrent_jobs)
+        log.info("reloaded the config%s: %s", f" ({old.config_file})" if old.config_file else "",
+                 ", ".join(applied) + " changed" if applied else "nothing to apply changed")
+        for key in later:
+            log.warning("reload: %s changed and takes effect when fluxgymd restarts", key)
+        self.notifier.ready(self._summary())
+        self.schedule()
+
+    def _figures(self) -> dict[str, Any]:
+        """What /metrics shows (promexport.render), read when it is scraped."""
+        self._flush()
+        return {"counts": self.store.counts(),
+                "running": [self.store.get(job_id) for job_id in list(self.runs)],
+                "counters": dict(self.counters), "gpus": self.gpu.stats()}
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -328,7 +429,8 @@ class Daemon(Runs, Stalls, Operations):
 
     def _view(self, job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         run = self.runs.get(job["id"])
-        return job_view(job, now, run.pace if run is not None else None)
+        return job_view(job, now, run.pace if run is not None else None,
+                        run.stepped if run is not None else False)
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
         if self.web is not None:
@@ -360,8 +462,9 @@ class Daemon(Runs, Stalls, Operations):
             await asyncio.sleep(interval)
 
 
-def run_daemon(cfg: Config, journal: Journal | None = None) -> int:
-    daemon = Daemon(cfg, journal)
+def run_daemon(cfg: Config, journal: Journal | None = None,
+               load_config: Callable[[], Config] | None = None) -> int:
+    daemon = Daemon(cfg, journal, load_config)
     try:
         daemon.open()
     except (AlreadyRunning, UnsafeRuntimeDir) as e:

@@ -137,12 +137,32 @@ def remap(value: str, maps: list[tuple[str, str]]) -> str:
     return value
 
 
+# Files FluxGym writes beside train.sh (outputs/<name>/): a folder copied to another machine
+# keeps them together while the script's absolute paths point at the old one.
+BESIDE_FLAGS = ("dataset_config", "sample_prompts")
+
+
+def _found_beside(script: Script, flag: str, value: str, notes: list[str]) -> str:
+    """value, or the file of that name beside the script when value does not exist here."""
+    if flag not in BESIDE_FLAGS or os.path.exists(value):
+        return value
+    # a Windows path (FluxGym's train.bat) names its file after a backslash
+    name = value.replace("\\", "/").rsplit("/", 1)[-1]
+    here = os.path.join(os.path.dirname(os.path.abspath(script.path)), name)
+    if name and os.path.isfile(here):
+        notes.append(f"--{flag} {value} is not here; using {here}, the {name} beside the "
+                     "script")
+        return here
+    return value
+
+
 @dataclass
 class Imported:
     name: str
     train: dict
     missing: list[str]  # "--flag: path" that do not exist here
     no_counterpart: list[str]  # settings with nothing like them in our trainer
+    notes: list[str] = field(default_factory=list)  # what the import decided, for the user
 
 
 def _one(args: dict[str, list[str]], flag: str) -> str | None:
@@ -152,9 +172,10 @@ def _one(args: dict[str, list[str]], flag: str) -> str | None:
 
 def as_lora(script: Script, maps: list[tuple[str, str]], name: str | None = None) -> Imported:
     args = {k: list(v) for k, v in script.args.items()}
+    notes: list[str] = []
     for flag in PATH_FLAGS:
         if args.get(flag):
-            args[flag] = [remap(args[flag][0], maps)]
+            args[flag] = [_found_beside(script, flag, remap(args[flag][0], maps), notes)]
     missing = [f"--{flag}: {args[flag][0]}" for flag in PATH_FLAGS
                if args.get(flag) and flag != "output_dir" and not os.path.exists(args[flag][0])]
     train: dict = {}
@@ -196,7 +217,7 @@ def as_lora(script: Script, maps: list[tuple[str, str]], name: str | None = None
         train["sample_prompts"] = [line.split(" --", 1)[0].strip() for line in lines]
     out_name = name or _one(args, "output_name") or os.path.basename(
         os.path.dirname(os.path.abspath(script.path)))
-    return Imported(out_name, train, missing, no_counterpart)
+    return Imported(out_name, train, missing, no_counterpart, notes)
 
 
 @dataclass
@@ -222,14 +243,14 @@ def as_kohya(script: Script, maps: list[tuple[str, str]], name: str | None = Non
                          "job's own folder instead")
             continue
         if flag in PATH_FLAGS and values:
-            values = [remap(values[0], maps)] + values[1:]
+            values = [_found_beside(script, flag, remap(values[0], maps), notes)] + values[1:]
             if not os.path.exists(values[0]):
                 missing.append(f"--{flag}: {values[0]}")
         args += ["--" + flag, *values]
     dataset_copy = None
     config = _one(script.args, "dataset_config")
     if config:
-        config = remap(config, maps)
+        config = _found_beside(script, "dataset_config", remap(config, maps), [])
         try:
             with open(config, encoding="utf-8") as fh:
                 text = fh.read()

@@ -13,7 +13,7 @@ from typing import Any
 
 from .executors import EXECUTORS
 from .executors.slurm_job import refused_options
-from .kinds import KINDS
+from .kinds import KINDS, Policy
 from .protocol import ErrorCode, FluxgymError
 from .watchdog import LIMIT_NAMES
 
@@ -53,12 +53,13 @@ def check_name(name: Any) -> str | None:
 
 
 def parse(text: str, source: str = "", name_override: str = "",
-          outputs_dir: Path | None = None, defaults: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
+          outputs_dir: Path | None = None, policy: Policy | None = None) -> dict[str, Any]:
     """The validated job, and what its kind checks on this machine before it is queued (for
     a lora job the dataset, the model files and free disk under `outputs_dir`; for a kohya
-    job sd-scripts' own argument parser). `defaults`: the daemon's per-kind defaults.
-    Warnings that do not stop the job are in spec["warnings"]."""
+    job sd-scripts' own argument parser). `policy`: what this daemon allows (the default
+    allows nothing beyond lora jobs) and its per-kind defaults; a job it does not allow is
+    refused (FORBIDDEN) before its kind's checks run anything. Warnings that do not stop the
+    job are in spec["warnings"]."""
     where = source or "job file"
     try:
         data = tomllib.loads(text)
@@ -74,9 +75,15 @@ def parse(text: str, source: str = "", name_override: str = "",
                            f"{', '.join(nul[:5])}; remove it", details=nul)
     base = Path(source).resolve().parent if source else Path.cwd()
     errors: list[str] = []
-    spec = _validate(data, base, errors, name_override, defaults or {})
+    policy = policy or Policy()
+    spec = _validate(data, base, errors, name_override, policy)
     spec["warnings"] = []
     if not errors:
+        refused = KINDS[spec["kind"]].refusals(spec, policy)
+        if refused:
+            raise FluxgymError(ErrorCode.FORBIDDEN, f"{where}: " + (refused[0] if len(refused)
+                               == 1 else f"{len(refused)} refusals:\n" + "\n".join(
+                                   f"  - {r}" for r in refused)), details=refused)
         problems, spec["warnings"] = KINDS[spec["kind"]].check(
             spec, str(outputs_dir) if outputs_dir is not None else str(base))
         errors.extend(problems)
@@ -104,7 +111,7 @@ def _with_nul(value: Any, where: str):
 
 
 def _validate(data: dict, base: Path, errors: list[str], name_override: str,
-              defaults: dict[str, Any]) -> dict[str, Any]:
+              policy: Policy) -> dict[str, Any]:
     for section, value in data.items():
         if section not in SECTIONS:
             errors.append(f"unknown section [{section}]{_close(section, SECTIONS)}")
@@ -164,7 +171,7 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
         spec["slurm"] = dict(slurm)
     if kind in KINDS:
         own = KINDS[kind].section
-        spec[own] = KINDS[kind].validate(data.get(own), base, errors, defaults)
+        spec[own] = KINDS[kind].validate(data.get(own), base, errors, policy)
         for other in {k.section for k in KINDS.values()} - {own}:
             if other in data:
                 users = [k.name for k in KINDS.values() if k.section == other]

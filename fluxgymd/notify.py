@@ -5,6 +5,7 @@ A no-op without NOTIFY_SOCKET (the foreground and containers), so callers never 
 from __future__ import annotations
 
 import os
+import time
 
 import sdnotify
 
@@ -27,6 +28,11 @@ class Notifier:
         if status != self._last_status:  # one datagram per change, not per tick
             self._last_status = status
             self.send(status=status)
+
+    def reloading(self) -> None:
+        # systemd 253+ wants the monotonic time with it (Type=notify-reload)
+        self.send(reloading=1, status="reloading the config",
+                  monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self, status: str = "stopping") -> None:
         self.send(stopping=1, status=status)

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__, jobspec, ownership
 from .joblog import count_lines, lines_after, read_tail
-from .kinds import kind_of
+from .kinds import Policy, kind_of
 from .protocol import PROTOCOL_VERSION, RUNTIME_SETTINGS, TOPIC_STATE, ErrorCode, FluxgymError
 from .states import FINISHED, JobState, check_removal
 
@@ -49,6 +49,7 @@ class Operations:
                 "outputs_dir": str(self.cfg.outputs_dir),
                 "max_concurrent_jobs": self.max_concurrent,
                 "allow_command_jobs": self.cfg.allow_command_jobs, "paused": self.paused,
+                "kohya_checkouts": [c for c, _ in self.cfg.kohya_checkouts],
                 "restoring": sorted(self.restoring),
                 "summary": self._summary(), "stopping": self.stopping,
                 "alerts": self.alerts.status(), "executor": self.cfg.executor,
@@ -70,20 +71,21 @@ class Operations:
             return {"ok": False, "error": f"no outcome within {patience:.0f}s (still queued "
                     "behind other alerts?)", "target": self.alerts.webhook.where}
 
-    def _command_jobs_off(self, spec: dict[str, Any]) -> str | None:
-        """Why this job may not run here, or None. A command job is any program run as the
-        daemon's user: whoever reaches the socket could run code, so they are opt-in."""
-        if not kind_of(spec).runs_any_program or self.cfg.allow_command_jobs:
-            return None
-        where = f"[daemon] in {self.cfg.config_file}" if self.cfg.config_file else \
-            "[daemon] of fluxgymd's config file"
-        return ("command jobs are turned off on this fluxgymd: a command job runs any program "
-                "as the daemon's user, so anyone who can reach its socket could run code. To "
-                f"allow them, set allow_command_jobs = true under {where} (or start fluxgymd "
-                "with --allow-command-jobs) and restart it")
+    def _policy(self) -> Policy:
+        """What jobs may do here, from the config as it stands (a reload changes it)."""
+        cfg = self.cfg
+        return Policy(allow_command_jobs=cfg.allow_command_jobs,
+                      kohya_checkouts=cfg.kohya_checkouts,
+                      kohya_save_every_n_steps=cfg.kohya_save_every_n_steps,
+                      config_file=str(cfg.config_file or ""))
+
+    def _refused(self, spec: dict[str, Any]) -> str | None:
+        """Why this fluxgymd may not run the job (now), or None."""
+        why = kind_of(spec).refusals(spec, self._policy())
+        return "; ".join(why) if why else None
 
     def _check_allowed(self, spec: dict[str, Any]) -> None:
-        if (why := self._command_jobs_off(spec)) is not None:
+        if (why := self._refused(spec)) is not None:
             raise FluxgymError(ErrorCode.FORBIDDEN, why)
 
     async def op_submit(self, args) -> dict[str, Any]:
@@ -94,11 +96,10 @@ class Operations:
         # keeps supervising the running jobs meanwhile
         spec = await asyncio.to_thread(
             jobspec.parse, args["text"], args["source"], args["name"], self.cfg.outputs_dir,
-            {"kohya.save_every_n_steps": self.cfg.kohya_save_every_n_steps})
+            self._policy())
         if self.stopping:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
-        self._check_allowed(spec)
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
         try:
             # claimed inside the store's transaction: no job without its folder, and no

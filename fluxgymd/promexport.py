@@ -1,30 +1,26 @@
-"""The Prometheus text endpoint's figures (prometheus_client), read from the daemon when
-scraped: jobs by state, each running job's step, total and steps per second, checkpoint age,
-restarts and stalls by reason since the daemon started, and each GPU's utilization and
-memory."""
+"""The Prometheus text endpoint (prometheus_client), rendered from the figures the daemon
+hands over when scraped (plain data, see `render`): jobs by state, each running job's step,
+total and steps per second, checkpoint age, restarts and stalls by reason since the daemon
+started, and each GPU's utilization and memory."""
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .states import JobState
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
 
 class _Collector:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
+    def __init__(self, figures: dict[str, Any]):
+        self.f = figures
 
     def collect(self):
-        d = self.d
-        d._flush()
-        counts = d.store.counts()
+        f = self.f
+        counts = f["counts"]
         jobs = GaugeMetricFamily("fluxgymd_jobs", "Jobs by state.", labels=["state"])
         for state in JobState:
             jobs.add_metric([state.value], counts.get(state.value, 0))
@@ -39,9 +35,8 @@ class _Collector:
                                 "Seconds since each active job's newest checkpoint was written.",
                                 labels=["job", "name"])
         now = time.time()
-        for job_id in list(d.runs):
-            job = d.store.get(job_id)
-            labels = [str(job_id), job["name"]]
+        for job in f["running"]:
+            labels = [str(job["id"]), job["name"]]
             if job["step"] is not None:
                 step.add_metric(labels, job["step"])
             if job["total_steps"]:
@@ -58,7 +53,7 @@ class _Collector:
                                        "started, by reason.", labels=["reason"])
         stalls = CounterMetricFamily("fluxgymd_stalls", "Stalls since the daemon started, by "
                                      "the watchdog's rule.", labels=["rule"])
-        for (what, why), n in sorted(d.counters.items()):
+        for (what, why), n in sorted(f["counters"].items()):
             (restarts if what == "restart" else stalls).add_metric([why], n)
         yield from (restarts, stalls)
         util = GaugeMetricFamily("fluxgymd_gpu_utilization_percent", "GPU utilization.",
@@ -67,7 +62,7 @@ class _Collector:
                                  labels=["gpu", "name"])
         mem_total = GaugeMetricFamily("fluxgymd_gpu_memory_total_bytes", "GPU memory.",
                                       labels=["gpu", "name"])
-        for g in d.gpu.stats():
+        for g in f["gpus"]:
             labels = [str(g["index"]), g.get("name") or ""]
             for fam, key in ((util, "utilization"), (used, "memory_used"),
                              (mem_total, "memory_total")):
@@ -76,7 +71,9 @@ class _Collector:
         yield from (util, used, mem_total)
 
 
-def render(daemon: "Daemon") -> tuple[bytes, str]:
+def render(figures: dict[str, Any]) -> tuple[bytes, str]:
+    """figures: `counts` (jobs by state), `running` (the store rows of the jobs running now),
+    `counters` ({("restart" | "stall", why): n}) and `gpus` (the probe's stats)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(daemon))
+    registry.register(_Collector(figures))
     return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"

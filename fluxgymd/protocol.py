@@ -2,9 +2,11 @@
 
 Requests and replies are single JSON objects (UTF-8) on the control socket:
 
-    request  {"v": 1, "id": "<any string>", "op": "<op>", "args": {...}}
+    request  {"v": 1, "id": "<any string>", "op": "<op>", "args": {...}, "heartbeat": true}
     reply    {"v": 1, "id": "<same>", "ok": true,  "result": {...}}
              {"v": 1, "id": "<same>", "ok": false, "error": {"code": "...", "message": "..."}}
+    working  {"v": 1, "id": "<same>", "working": true}   (only when the request asked for
+             heartbeats: every HEARTBEAT_S while its answer is being worked out)
 
 Events on the events socket are two frames: a topic (b"state", b"progress", b"log.<job id>")
 and a JSON object. Error codes are stable strings; clients branch on them, people read the
@@ -22,6 +24,11 @@ PROTOCOL_VERSION = 1
 # set higher so an oversized request still reaches us and can be answered, not dropped.
 MAX_MESSAGE_BYTES = 1 << 20
 SOCKET_MAX_MESSAGE_BYTES = 16 << 20
+
+# A request that asks for them gets a `working` message this often until its reply, so a
+# client's timeout bounds the daemon's silence, not how long an answer takes (a kohya job's
+# submit runs sd-scripts' parser for seconds; a test alert waits out its retries).
+HEARTBEAT_S = 1.0
 
 CONTROL_SOCKET = "control.sock"
 EVENTS_SOCKET = "events.sock"
@@ -269,8 +276,28 @@ def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode("utf-8")
 
 
-def request(op: str, args: dict[str, Any] | None = None, rid: str = "1") -> bytes:
-    return encode({"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": args or {}})
+def request(op: str, args: dict[str, Any] | None = None, rid: str = "1",
+            heartbeat: bool = False) -> bytes:
+    obj = {"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": args or {}}
+    if heartbeat:
+        obj["heartbeat"] = True
+    return encode(obj)
+
+
+def wants_heartbeat(payload: bytes) -> str | None:
+    """The id of a request that asked for heartbeats, else None (it is read again only for
+    a request that is still unanswered after HEARTBEAT_S)."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(obj, dict) and obj.get("heartbeat") is True and request_id(obj):
+        return request_id(obj)
+    return None
+
+
+def working_reply(rid: str) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "id": rid, "working": True})
 
 
 def ok_reply(rid: str, result: Any) -> bytes:

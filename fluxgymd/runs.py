@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ownership
+from . import ownership, procs
 from .joblog import JobLog
 from .journal import JobLines
 from .kinds import kind_of
@@ -38,8 +39,11 @@ S = JobState
 FLUSH_INTERVAL_S = 1.0
 RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs -f`
 # The daemon's own systemd plumbing is not the child's business.
-_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                "LISTEN_FDNAMES", "INVOCATION_ID")
+# Test hook: "stop-after-spawn" freezes this daemon (SIGSTOP) right after it started an
+# attempt and before it stored the pid: the window in which a crash once ran a job twice.
+FAULT_ENV = "FLUXGYMD_FAULT"
+_PRIVATE_ENV = (FAULT_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                "LISTEN_PID", "LISTEN_FDNAMES", "INVOCATION_ID")
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Run:
     # ETA_WINDOW_S, checkpoints and samples included, so it does not jump between phases
     pace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     offsets: tuple[int, int] | None = None  # a Slurm attempt's file offsets, as stored
+    stepped: bool = False  # this attempt reported a step (until then the store's is where
+    #                        it resumes from: its newest checkpoint's)
 
 
 def _progress_of(job: dict[str, Any]) -> int | None:
@@ -96,10 +102,14 @@ class Runs:
     def _start(self, job: dict[str, Any]) -> None:
         job_id, attempt = job["id"], job["attempts"] + 1
         kind = kind_of(job)
+        progress = _progress_of(job)  # what the no-progress breaker compares this attempt with
+        # the step shown is this attempt's: until it reports one, where it resumes from
         job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
-                               started_at=job["started_at"] or time.time(), exit_code=None)
-        if (why := self._command_jobs_off(job["spec"])) is not None:
-            # queued while they were allowed, and the config changed since
+                               started_at=job["started_at"] or time.time(), exit_code=None,
+                               step=job["checkpoint_step"], loss=None, lr=None,
+                               seconds_per_step=None)
+        if (why := self._refused(job["spec"])) is not None:
+            # queued while it was allowed, and the config changed since
             self._transition(job_id, S.FAILED, why)
             return
         out = Path(job["output_dir"])
@@ -132,7 +142,7 @@ class Runs:
         env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
         executor = self._executor_of(job)
-        run = self._new_run(job, attempt, executor, folder_lock)
+        run = self._new_run(job, attempt, executor, folder_lock, progress)
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
                        f"{' through Slurm' if executor == 'slurm' else ''}: "
@@ -140,6 +150,10 @@ class Runs:
         if executor == "slurm":
             self._start_on_slurm(job, run, argv, env, cwd)
             return
+        # every process of the attempt carries its token, whatever group it moves to; the
+        # attempt's number was stored (STARTING) before this spawn, so a restarted daemon
+        # finds them even if this one dies before it stores the pid
+        env[procs.TOKEN_ENV] = procs.attempt_token(self.store.id, job_id, attempt)
         try:
             run.child = Child(argv, env, cwd, lambda lines, pending, stream:
                               self._on_output(run, lines, pending, stream))
@@ -148,6 +162,8 @@ class Runs:
             run.log.write([f"=== fluxgymd: {e} ==="])
             self._transition(job_id, S.FAILED, str(e))
             return
+        if os.environ.get(FAULT_ENV) == "stop-after-spawn":
+            os.kill(os.getpid(), signal.SIGSTOP)
         run.watch = self._new_watch(job, run)
         run.gpus = job_gpus(env)
         run.oom_at_start = oom_kills()
@@ -158,14 +174,14 @@ class Runs:
         self._spawn(self._watch(run))
 
     def _new_run(self, job: dict[str, Any], attempt: int, executor: str,
-                 folder_lock: ownership.FolderLock) -> Run:
+                 folder_lock: ownership.FolderLock, progress: int | None = None) -> Run:
         run = Run(job["id"], attempt, self._job_log(job), executor=executor,
                   parser=kind_of(job).output_parser(job["spec"]), folder_lock=folder_lock)
         if self.journal is not None:
             run.journal = JobLines(self.journal, job["id"], job["name"], attempt)
         run.limits = self._limits_for(job)
         run.budget = Budget(restarts=job["restarts"], no_progress=job["no_progress"],
-                            progress_at_start=_progress_of(job))
+                            progress_at_start=progress)
         return run
 
     def _new_watch(self, job: dict[str, Any], run: Run) -> Watch:
@@ -227,7 +243,8 @@ class Runs:
         except (OSError, FluxgymError) as e:
             log.error("job %s: cannot take up Slurm job %s again: %s", job["id"], external_id, e)
             return False
-        run = self._new_run(job, job["attempts"], "slurm", folder_lock)
+        run = self._new_run(job, job["attempts"], "slurm", folder_lock, _progress_of(job))
+        run.stepped = True  # the same attempt goes on: its step is its own
         run.offsets = (job["output_offset"] or 0, job["events_offset"] or 0)
         run.log.write([f"=== fluxgymd: restarted; following attempt {run.attempt} "
                        f"(Slurm job {external_id}) again ==="])
@@ -255,7 +272,11 @@ class Runs:
 
     def _on_exit(self, run: Run, ex: Exit) -> None:
         self._flush_run(run)
-        note = f" (killed {ex.leftovers} leftover process(es) of its group)" if ex.leftovers else ""
+        notes = ([f"killed {ex.leftovers} leftover process(es) of its group"]
+                 if ex.leftovers else []) + \
+            ([f"stopped {ex.escaped} process(es) that had left its process group"]
+             if ex.escaped else [])
+        note = f" ({'; '.join(notes)})" if notes else ""
         where = f" (Slurm job {run.child.external_id})" if run.child.external_id else ""
         run.log.write([f"=== fluxgymd: attempt {run.attempt}{where} {ex.describe()}{note} ==="])
         job = self.store.get(run.job_id)
@@ -352,6 +373,7 @@ class Runs:
         if kind == "gpu":
             return  # a reading, not news
         if kind == "step":
+            run.stepped = True
             run.pace.append((time.time(), ev["step"]))
             upd = {"step": ev["step"]}
             for src, dst in (("total", "total_steps"), ("loss", "loss"), ("lr", "lr"),

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from .protocol import (
+    HEARTBEAT_S,
     SOCKET_MAX_MESSAGE_BYTES,
     ErrorCode,
     FluxgymError,
@@ -24,6 +25,8 @@ from .protocol import (
     request_id,
     salvage_id,
     validate_request,
+    wants_heartbeat,
+    working_reply,
 )
 from .states import InvalidTransition
 
@@ -85,9 +88,21 @@ class ControlServer:
             asyncio.get_running_loop().create_task(self._answer(frames))
 
     async def _answer(self, frames: list[bytes]) -> None:
-        reply = await handle_frames(frames, self.handlers)
+        answer = asyncio.ensure_future(handle_frames(frames, self.handlers))
+        beat: list[bytes] | None = None
+        while not (await asyncio.wait({answer}, timeout=HEARTBEAT_S))[0]:
+            if beat is None:
+                rid = wants_heartbeat(frames[-1]) if len(frames) >= 2 else None
+                if rid is None:
+                    await answer
+                    break
+                beat = frames[:-1] + [working_reply(rid)]  # the request's own envelope
+            await self._send(beat)
+        await self._send(answer.result())
+
+    async def _send(self, frames: list[bytes]) -> None:
         try:
-            await self.sock.send_multipart(reply, flags=zmq.NOBLOCK)
+            await self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.debug("reply not delivered: %s", e)
 

@@ -1,6 +1,8 @@
 """A real fluxgymd in throwaway directories, driven through the real client and CLI.
 
-Used by the tests and the benchmarks. Imports nothing heavy and no test framework.
+Used by the tests and the benchmarks, from the checkout: it is not installed with the
+package (pyproject.toml excludes it from the wheel; tests/test_systemd_e2e.py checks).
+Imports nothing heavy and no test framework.
 """
 from __future__ import annotations
 
@@ -52,18 +54,24 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.log_path = root / "daemon.log"
         self.extra_env: dict[str, str] = {}
+        self.wrap: list[str] = []  # a command fluxgymd runs under (e.g. unshare)
 
-    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> "Daemon":
+    def write_config(self) -> Path:
+        """self.config as the daemon's config file (SIGHUP makes a running one read it)."""
         cfg = self.root / "fluxgymd.toml"
         sections: dict = {}
         for key, value in self.config.items():
             section, name = key.split("__") if "__" in key else ("daemon", key)
             sections.setdefault(section, {})[name] = value
         cfg.write_text(tomli_w.dumps(sections))
+        return cfg
+
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> "Daemon":
+        cfg = self.write_config()
         full_env = dict(os.environ, **self.extra_env, **(env or {}))
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "fluxgymd", "--config", str(cfg), "--state-dir", str(self.state_dir),
+            [*self.wrap, PY, "-m", "fluxgymd", "--config", str(cfg), "--state-dir", str(self.state_dir),
              "--runtime-dir", str(self.runtime_dir), "--outputs-dir", str(self.outputs_dir),
              "--log-level", "debug"],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env,

@@ -23,13 +23,20 @@ def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | N
     return max(0.0, (total - step) / rate - (now - t_new))
 
 
-def job_view(job: dict[str, Any], now: float | None = None, pace=None) -> dict[str, Any]:
-    """The stable, documented shape of a job on the wire (`--json`)."""
+def job_view(job: dict[str, Any], now: float | None = None, pace=None,
+             stepped: bool = False) -> dict[str, Any]:
+    """The stable, documented shape of a job on the wire (`--json`). `stepped`: its running
+    attempt has reported a step of its own."""
     now = time.time() if now is None else now
     view = {k: v for k, v in job.items()
             if k not in ("spec", "pid_started", "queued_at", "output_offset", "events_offset")}
     step, total, sps = job.get("step"), job.get("total_steps"), job.get("seconds_per_step")
     view["progress"] = (step / total) if (step is not None and total) else None
+    # an attempt starts at its newest checkpoint's step, and shows it as such until it
+    # reports one of its own
+    attempt_on = job["state"] in (S.STARTING.value, S.RUNNING.value, S.STALLED.value)
+    view["step_from"] = None if step is None else \
+        "checkpoint" if attempt_on and not stepped else "attempt"
     started = job.get("started_at")
     view["elapsed_s"] = ((job.get("finished_at") or now) - started) if started else None
     running = job["state"] in (S.RUNNING.value, S.STARTING.value)

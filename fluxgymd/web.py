@@ -21,16 +21,14 @@ import re
 import secrets
 from importlib import util as importlib_util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from aiohttp import web
 
-from .config import parse_listen
+from .config import WebConfig, parse_listen
 from .kinds import kind_of
 from .protocol import FluxgymError
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = logging.getLogger("fluxgymd")
 ASSETS = Path(__file__).with_name("webpage")
@@ -67,9 +65,13 @@ def plotly_js() -> Path | None:
 
 
 class Web:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
-        cfg = daemon.cfg.web
+    """The dashboard over the daemon's own operations: `ops` is the control socket's handler
+    table (one code path for the CLI and the page), `find` resolves a job reference to its
+    store row, `figures` gives /metrics its data (promexport.render's argument)."""
+
+    def __init__(self, cfg: WebConfig, ops: dict[str, Callable[[dict[str, Any]], Any]],
+                 find: Callable[[str], dict[str, Any]], figures: Callable[[], dict[str, Any]]):
+        self.ops, self.find, self.figures = ops, find, figures
         self.cfg = cfg
         self.host, self.port = parse_listen(cfg.listen)
         self.base = "/" + cfg.base_path.strip("/") if cfg.base_path.strip("/") else ""
@@ -210,13 +212,13 @@ class Web:
         return web.json_response(result, dumps=lambda o: json.dumps(o, default=str))
 
     async def jobs(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_list, states=None, all=True)
+        return await self._op(self.ops["list"], states=None, all=True)
 
     async def job(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_show, job=request.match_info["job"], events=200)
+        return await self._op(self.ops["show"], job=request.match_info["job"], events=200)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_metrics, job=request.match_info["job"], limit=100_000)
+        return await self._op(self.ops["metrics"], job=request.match_info["job"], limit=100_000)
 
     async def log(self, request: web.Request) -> web.Response:
         after = request.query.get("after")
@@ -225,11 +227,11 @@ class Web:
             after_n = int(after) if after is not None else None
         except ValueError:
             return web.json_response({"error": "lines and after are integers"}, status=400)
-        return await self._op(self.d.op_logs, job=request.match_info["job"], lines=lines,
+        return await self._op(self.ops["logs"], job=request.match_info["job"], lines=lines,
                               after=after_n, timestamps=False)
 
     def _job_and_samples(self, ref: str) -> tuple[dict[str, Any], Path | None]:
-        job = self.d._find(ref)
+        job = self.find(ref)
         return job, kind_of(job).sample_dir(job)
 
     async def samples(self, request: web.Request) -> web.Response:
@@ -267,20 +269,20 @@ class Web:
         return web.FileResponse(path, headers={"Cache-Control": "max-age=86400"})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_cancel, job=request.match_info["job"])
+        return await self._op(self.ops["cancel"], job=request.match_info["job"])
 
     async def retry(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_retry, job=request.match_info["job"])
+        return await self._op(self.ops["retry"], job=request.match_info["job"])
 
     async def submit(self, request: web.Request) -> web.Response:
         text = await request.text()
         name = request.query.get("name", "")
-        return await self._op(self.d.op_submit, text=text,
+        return await self._op(self.ops["submit"], text=text,
                               source=request.query.get("filename", "uploaded.toml"),
                               name=name, priority=0)
 
     async def gpus(self, request: web.Request) -> web.Response:
-        return await self._op(self.d.op_gpus)
+        return await self._op(self.ops["gpus"])
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: job states, progress and log lines as the daemon publishes."""
@@ -309,5 +311,5 @@ class Web:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         from .promexport import render
-        body, ctype = render(self.d)
+        body, ctype = render(self.figures())
         return web.Response(body=body, headers={"Content-Type": ctype})

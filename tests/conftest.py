@@ -19,6 +19,21 @@ from fluxgymd.testing import Daemon
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `make check` runs the tests that start nothing: no daemon, trainer, model, cluster, systemd
+# or browser. A test is an end-to-end one (marker `e2e`, left to `make test`) when it uses a
+# fixture that starts or builds one of those, or its module is end to end as a whole.
+E2E_FIXTURES = {"daemon", "daemon_factory", "tiny", "straight", "cluster", "kohya", "single",
+                "fixtures", "installed", "system", "browser"}
+E2E_MODULES = {"test_systemd_e2e", "test_web_browser", "test_slurm_e2e", "test_kohya_e2e",
+               "test_faults", "test_daemon_chaos", "test_restart", "test_own_processes"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def short_tmp():
@@ -92,6 +107,18 @@ def tiny(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "trainer.tiny", "--dataset", str(root / "data")],
                    check=True, env=env, capture_output=True, timeout=60)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_single(tiny):
+    """The tiny model as FluxGym holds its files (`trainer.tiny --single-file`, in
+    tiny/single/): {train key: path}, as the command prints them."""
+    out = subprocess.run([sys.executable, "-m", "trainer.tiny", str(tiny / "single"),
+                          "--single-file"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" = ", 1) for line in out.stdout.splitlines() if " = " in line)
+    return {k: v.strip('"') for k, v in lines.items()}
 
 
 @pytest.fixture(scope="session")

@@ -100,3 +100,18 @@ def test_daemon_exits_2_on_a_bad_config(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "did you mean 'max_concurrent_jobs'" in r.stderr
+
+
+def test_kohya_checkouts_from_the_file_and_the_environment(tmp_path):
+    f = write(tmp_path, '[kohya]\ncheckouts = ["/opt/fluxgym/sd-scripts/", '
+                        '{ path = "/srv/sd", python = "/srv/env/bin/python" }]\n')
+    assert load(f, {}, env={}).kohya_checkouts == (
+        ("/opt/fluxgym/sd-scripts", ""), ("/srv/sd", "/srv/env/bin/python"))
+    env = {"FLUXGYM_KOHYA_CHECKOUTS": "/a/sd:/b/sd"}
+    assert load(f, {}, env=env).kohya_checkouts == (("/a/sd", ""), ("/b/sd", ""))
+    assert load(None, {}, env={}).kohya_checkouts == ()
+    for bad, why in (('"/opt/sd"', "must be a list"), ('["sd-scripts"]', "absolute path"),
+                     ('[{ path = "/sd", pyton = "/p" }]', "is not a folder"),
+                     ('[3]', "is not a folder")):
+        with pytest.raises(ConfigError, match=why):
+            load(write(tmp_path, f"[kohya]\ncheckouts = {bad}\n"), {}, env={})

@@ -122,3 +122,79 @@ def test_a_world_writable_runtime_dir_is_refused(short_tmp):
     assert r.returncode == 1
     assert "is writable by everyone" in r.stderr and "chmod 750" in r.stderr
     assert not (run / "control.sock").exists()
+
+
+def _serve(tmp, handlers):
+    """A ControlServer on its own loop in a thread, with these handlers."""
+    import asyncio
+    import threading
+
+    import zmq.asyncio
+
+    from fluxgymd.server import ControlServer
+
+    ready, stop = threading.Event(), []
+
+    def run():
+        async def main():
+            ctx = zmq.asyncio.Context()
+            server = ControlServer(ctx, f"ipc://{tmp}/control.sock", handlers)
+            task = asyncio.ensure_future(server.serve())
+            stop.append((asyncio.get_running_loop(), task))
+            ready.set()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            server.close()
+            ctx.term()
+        asyncio.run(main())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(5)
+    return lambda: (stop[0][0].call_soon_threadsafe(stop[0][1].cancel), t.join(5))
+
+
+def test_a_slow_answer_comes_with_heartbeats_and_the_timeout_bounds_silence(short_tmp):
+    """--timeout is how long the daemon may stay silent: an answer that takes 3 s arrives
+    through a 1.5 s timeout, because the daemon says every second that it is working."""
+    import asyncio
+    import time
+
+    from fluxgymd.client import Client
+
+    async def slow(args):
+        await asyncio.sleep(3.0)
+        return {"pong": True}
+
+    stop = _serve(short_tmp, {"ping": slow})
+    try:
+        c = Client(short_tmp, timeout=1.5)
+        t0 = time.monotonic()
+        assert c.call("ping") == {"pong": True}
+        assert 2.9 < time.monotonic() - t0 < 6
+        # a peer that does not ask for heartbeats gets just the reply
+        frames = c.send_raw([request("ping", {}, "7")], timeout=6)
+        assert json.loads(frames[-1])["result"] == {"pong": True}
+        c.close()
+    finally:
+        stop()
+
+
+def test_a_frozen_daemon_is_reported_within_the_timeout(daemon, short_tmp):
+    """A submit to a daemon that does not answer (SIGSTOP) waits --timeout, not minutes."""
+    import time
+
+    from fluxgymd.testing import write_job
+
+    job = write_job(short_tmp, "frozen", ["true"])
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = daemon.ctl("--timeout", "2", "submit", str(job), timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    assert r.returncode == 3 and "did not answer within 2s" in r.stderr, r.stderr
+    assert took < 10, took

@@ -23,11 +23,11 @@ ENV = dict({k: v for k, v in os.environ.items() if not k.startswith("FLUXGYM_")}
 
 
 @pytest.fixture(scope="module")
-def fixtures(tiny, tmp_path_factory):
-    """The FluxGym machine's paths, made here: the model as single files, the dataset."""
+def fixtures(tiny, tiny_single, tmp_path_factory):
+    """The FluxGym machine's paths, made here: the model as single files (the session's,
+    as clip/), the dataset."""
     root = tmp_path_factory.mktemp("fluxgym")
-    subprocess.run([sys.executable, "-m", "trainer.tiny", str(root / "clip"), "--single-file"],
-                   env=ENV, check=True, capture_output=True, timeout=180)
+    (root / "clip").symlink_to(Path(tiny_single["pretrained_model"]).parent)
     return root
 
 
@@ -126,3 +126,42 @@ def test_the_16gb_preset_trains_with_our_trainer(tiny, fixtures, tmp_path):
     said = r.stdout + r.stderr
     assert "optimizer_type=Adafactor" in said and "fp8_base=True" in said
     assert (tmp_path / "run" / "mylora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("as_lora", [True, False])
+def test_a_moved_folder_uses_the_files_beside_its_script(tmp_path, as_lora):
+    """FluxGym's folder copied to another machine: its train.sh still names the old machine's
+    dataset.toml and sample_prompts.txt, which sit beside it here."""
+    import shutil
+    moved = tmp_path / "elsewhere" / "mylora"
+    moved.mkdir(parents=True)
+    old = f'--dataset_config "{FLUXGYM}/outputs/mylora/dataset.toml"'
+    script = (EXAMPLES / "train_16.sh").read_text()
+    assert old in script
+    # as FluxGym writes it when sample prompts are given
+    (moved / "train.sh").write_text(script.replace(old, old + " \\\n  --sample_prompts="
+                                                   f'"{FLUXGYM}/outputs/mylora/sample_prompts.txt"'
+                                                   ' --sample_every_n_steps="100"'))
+    for name in ("dataset.toml", "sample_prompts.txt"):
+        shutil.copyfile(EXAMPLES / name, moved / name)
+    r = run_import(str(moved), *(["--as-lora"] if as_lora else []))
+    assert r.returncode == 0, r.stderr
+    for name, flag in (("dataset.toml", "dataset_config"), ("sample_prompts.txt",
+                                                            "sample_prompts")):
+        assert f"--{flag} {FLUXGYM}/outputs/mylora/{name} is not here; using {moved / name}" \
+            in r.stderr, r.stderr
+        assert f"not found here: --{flag}" not in r.stderr
+    doc = tomllib.loads(r.stdout)
+    if as_lora:
+        train = doc["train"]
+        assert (train["trigger_word"], train["num_repeats"], train["resolution"]) == (
+            "mylora", 10, 512)
+        assert train["sample_prompts"] and "dataset_dir" in train
+    else:
+        args = doc["kohya"]["args"]
+        assert args[args.index("--dataset_config") + 1] == str(moved / "dataset.toml")
+        assert args[args.index("--sample_prompts") + 1] == str(moved / "sample_prompts.txt")
+    # nothing beside it: still reported missing, as before
+    (moved / "dataset.toml").unlink()
+    r = run_import(str(moved), *(["--as-lora"] if as_lora else []))
+    assert f"not found here: --dataset_config: {FLUXGYM}/outputs/mylora/dataset.toml" in r.stderr

@@ -130,15 +130,20 @@ def test_a_succeeded_job_is_never_rerun(daemon, short_tmp):
     assert r.returncode == 4 and "already succeeded" in r.stderr
 
 
+# A child that speaks the contract: send(event=..., ...) to the daemon's progress socket.
+SENDS_EVENTS = textwrap.dedent("""
+    import json, os, sys, time, zmq
+    s = zmq.Context().socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 2000)
+    s.connect(os.environ["FLUXGYM_PROGRESS_ENDPOINT"])
+    job, attempt = os.environ["FLUXGYM_JOB_ID"], int(os.environ["FLUXGYM_ATTEMPT"])
+    def send(**kw):
+        s.send(json.dumps(dict(kw, job=job, attempt=attempt)).encode(), zmq.NOBLOCK)
+""")
+
+
 def test_contract_progress_events_reach_the_store(daemon, short_tmp):
-    script = textwrap.dedent("""
-        import json, os, time, zmq
-        s = zmq.Context().socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 2000)
-        s.connect(os.environ["FLUXGYM_PROGRESS_ENDPOINT"])
-        job, attempt = os.environ["FLUXGYM_JOB_ID"], int(os.environ["FLUXGYM_ATTEMPT"])
-        def send(**kw):
-            s.send(json.dumps(dict(kw, job=job, attempt=attempt)).encode(), zmq.NOBLOCK)
+    script = SENDS_EVENTS + textwrap.dedent("""
         send(event="phase", phase="training")
         for step in range(1, 21):
             send(event="step", step=step, total=20, loss=1.0 / step, lr=1e-4, seconds_per_step=0.01)
@@ -235,3 +240,32 @@ def test_command_jobs_switched_off_are_refused_and_never_start(daemon_factory, s
     r = off.ctl("--json", "retry", "waiting")
     assert r.returncode == 4 and json.loads(r.stdout)["error"]["code"] == "forbidden"
     assert off.ctl("ping").returncode == 0
+
+
+def test_show_gives_the_attempts_own_step_or_says_it_is_the_checkpoints(daemon, short_tmp):
+    """Attempt 1 reaches step 22 (checkpoint at 20) and crashes; while attempt 2 has reported
+    nothing, the step shown is 20, from the checkpoint, never the earlier attempt's 22."""
+    script = SENDS_EVENTS + textwrap.dedent("""
+        if attempt == 1:
+            for step in range(1, 23):
+                send(event="step", step=step, total=40, loss=0.5)
+                if step == 20:
+                    send(event="checkpoint", path="ckpt-20", step=20)
+            time.sleep(0.3)
+            sys.exit(1)
+        time.sleep(4)
+        send(event="step", step=21, total=40, loss=0.4)
+        time.sleep(0.5)
+    """)
+    daemon.submit(write_job(short_tmp, "steps", [PY, "-c", script]))
+    from fluxgymd.testing import wait_until
+    job = wait_until(lambda: (j := daemon.job("steps"))["attempts"] == 2
+                     and j["state"] == "running" and j, 20, 0.05, "attempt 2")
+    assert (job["step"], job["step_from"], job["loss"]) == (20, "checkpoint", None), job
+    shown = daemon.ctl("show", "steps", check=True).stdout
+    assert "20/40" in shown and "22/40" not in shown
+    assert "attempt 2 resumes from its newest checkpoint and has reported no step" in shown
+    job = wait_until(lambda: (j := daemon.job("steps"))["step_from"] == "attempt" and j, 20,
+                     0.05, "attempt 2's own step")
+    assert job["step"] == 21
+    assert daemon.wait_state("steps", "succeeded")["step"] == 21

@@ -3,19 +3,22 @@ import os
 import pytest
 
 from fluxgymd import jobspec
+from fluxgymd.kinds import Policy
 from fluxgymd.protocol import ErrorCode, FluxgymError
+
+OPEN = Policy(allow_command_jobs=True)  # these tests are about the file, not who may run it
 
 
 def problems(text, source=""):
     with pytest.raises(FluxgymError) as e:
-        jobspec.parse(text, source)
+        jobspec.parse(text, source, policy=OPEN)
     assert e.value.code is ErrorCode.INVALID_JOB
     return e.value.details or [e.value.message]
 
 
 def test_minimal_command_job():
     spec = jobspec.parse('[job]\nname = "hello"\nkind = "command"\n'
-                         '[command]\nargv = ["python3", "-c", "print(1)"]\n')
+                         '[command]\nargv = ["python3", "-c", "print(1)"]\n', policy=OPEN)
     assert spec["name"] == "hello" and spec["command"]["argv"][0] == "python3"
     assert spec["command"]["progress"] == "tqdm"
 
@@ -53,7 +56,7 @@ def test_relative_paths_are_relative_to_the_job_file(tmp_path):
     script.write_text("#!/bin/sh\necho hi\n")
     os.chmod(script, 0o755)
     spec = jobspec.parse('[job]\nname = "j"\nkind = "command"\n[command]\nargv = ["./run.sh"]\n'
-                         'cwd = "."', str(tmp_path / "j.toml"))
+                         'cwd = "."', str(tmp_path / "j.toml"), policy=OPEN)
     assert spec["command"]["argv"] == [str(script)]
     assert spec["command"]["cwd"] == str(tmp_path)
 
@@ -93,5 +96,17 @@ def test_name_override_is_validated():
     errs = problems('[job]\nkind = "command"\n[command]\nargv = ["true"]\n')
     assert any("missing job.name" in e for e in errs)
     spec = jobspec.parse('[job]\nkind = "command"\n[command]\nargv = ["true"]\n',
-                         name_override="given")
+                         name_override="given", policy=OPEN)
     assert spec["name"] == "given"
+
+
+def test_command_jobs_are_refused_unless_the_policy_allows_them():
+    text = '[job]\nname = "c"\nkind = "command"\n[command]\nargv = ["true"]\n'
+    with pytest.raises(FluxgymError) as e:
+        jobspec.parse(text, "c.toml", policy=Policy(config_file="/etc/fluxgymd/fluxgymd.toml"))
+    assert e.value.code is ErrorCode.FORBIDDEN
+    assert "allow_command_jobs = true under [daemon] in /etc/fluxgymd/fluxgymd.toml" in \
+        e.value.message
+    with pytest.raises(FluxgymError) as e:
+        jobspec.parse(text, "c.toml")  # no policy given: nothing but lora jobs
+    assert e.value.code is ErrorCode.FORBIDDEN

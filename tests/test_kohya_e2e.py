@@ -43,6 +43,23 @@ def kohya():
     return {"python": py, "files": kenv.tiny_files(), "sd": kenv.SD_SCRIPTS}
 
 
+def allowing(k: dict) -> dict:
+    """A daemon as installed (command jobs off) that allows this checkout with its venv."""
+    return {"allow_command_jobs": False,
+            "kohya__checkouts": [{"path": str(k["sd"]), "python": str(k["python"])}]}
+
+
+def policy(k: dict):
+    from fluxgymd.kinds import Policy
+    return Policy(kohya_checkouts=((str(k["sd"]), str(k["python"])),))
+
+
+@pytest.fixture
+def daemon(daemon_factory, kohya):
+    from tests.conftest import FAST
+    return daemon_factory(**FAST, **allowing(kohya)).start()
+
+
 def sd_args(files: Path, dataset_toml: Path) -> list[str]:
     prompts = dataset_toml.parent / "prompts.txt"
     prompts.write_text("tinylora, a red square --w 64 --h 64 --s 4 --d 7\n")
@@ -196,7 +213,7 @@ def test_a_kohya_run_sigkilled_after_its_second_state_save_resumes_exactly(
 def test_a_kohya_run_stopped_by_the_daemon_saves_at_the_step_and_resumes(
         daemon_factory, kohya, straight, short_tmp):
     from tests.conftest import FAST
-    d = daemon_factory(**FAST).start()
+    d = daemon_factory(**FAST, **allowing(kohya)).start()
     job = d.submit(kohya_job(short_tmp, "ky-stop", kohya))
     out = Path(d.outputs_dir) / "ky-stop"
     wait_log(out / "train.log", PAST_STEP_12)
@@ -242,8 +259,11 @@ def test_fluxgymctl_import_gives_a_kohya_job_that_sd_scripts_accepts(
     r = subprocess.run(ctl, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     for flag in ("--pretrained_model_name_or_path", "--clip_l", "--t5xxl", "--ae",
-                 "--dataset_config", "sd-scripts checkout"):
+                 "sd-scripts checkout"):
         assert f"not found here: {flag}" in r.stderr, (flag, r.stderr)
+    # FluxGym's folder moved here: its dataset.toml is the one beside the script
+    assert f"--dataset_config {THEIRS}/outputs/mylora/dataset.toml is not here; using " \
+        f"{folder / 'dataset.toml'}" in r.stderr, r.stderr
     maps = {f"{THEIRS}/models/unet/mymodel": files / "flux1-tiny.safetensors",
             f"{THEIRS}/models/clip/clip_l.safetensors": files / "clip_l.safetensors",
             f"{THEIRS}/models/clip/t5xxl_fp16.safetensors": files / "t5xxl.safetensors",
@@ -265,14 +285,16 @@ def test_fluxgymctl_import_gives_a_kohya_job_that_sd_scripts_accepts(
         tmp_path / "mylora.dataset.toml")  # its image_dir remapped too
     k["python"] = str(kohya["python"])  # this venv, not FluxGym's env/
     job_file.write_text(tomli_w.dumps(doc))
-    spec = jobspec.parse(job_file.read_text(), str(job_file), outputs_dir=tmp_path)
+    spec = jobspec.parse(job_file.read_text(), str(job_file), outputs_dir=tmp_path,
+                  policy=policy(kohya))
     assert spec["kohya"]["script"] == "flux_train_network.py"
     # and a wrong flag is refused at submit, by name
     k["args"] = k["args"] + ["--no_such_flag"]
     job_file.write_text(tomli_w.dumps(doc))
     from fluxgymd.protocol import FluxgymError
     with pytest.raises(FluxgymError, match="unrecognized arguments: --no_such_flag"):
-        jobspec.parse(job_file.read_text(), str(job_file), outputs_dir=tmp_path)
+        jobspec.parse(job_file.read_text(), str(job_file), outputs_dir=tmp_path,
+                  policy=policy(kohya))
 
 
 def test_a_state_without_accelerates_step_resumes(kohya, straight, tmp_path):
@@ -298,7 +320,8 @@ def test_a_stalled_kohya_run_dumps_its_stacks_saves_at_the_step_and_resumes_exac
     stacks (SIGUSR1: a dump, not its death), SIGTERMed and continued: it finishes the step in
     hand, saves there, exits 75 and is resumed."""
     from tests.conftest import FAST
-    d = daemon_factory(**FAST, watchdog__stall_floor_s=2.0, watchdog__stall_factor=1.0).start()
+    d = daemon_factory(**FAST, **allowing(kohya), watchdog__stall_floor_s=2.0,
+                       watchdog__stall_factor=1.0).start()
     job = d.submit(kohya_job(short_tmp, "ky-stall", kohya))
     out = Path(d.outputs_dir) / "ky-stall"
     wait_log(out / "train.log", PAST_STEP_12)
@@ -337,7 +360,7 @@ def test_a_kohya_run_through_slurm_sigkilled_on_its_node_resumes_exactly(
     """Any kind on any executor: sd-scripts in its own Python, in a Slurm batch job."""
     from tests.conftest import FAST
     from tests.slurm_cluster import slurm_config
-    d = daemon_factory("ky-slurm", **FAST, **slurm_config(cluster)).start()
+    d = daemon_factory("ky-slurm", **FAST, **slurm_config(cluster), **allowing(kohya)).start()
     try:
         job = d.submit(kohya_job(short_tmp, "ky-slurm", kohya))
         out = Path(d.outputs_dir) / "ky-slurm"

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from fluxgymd.kinds import KINDS
+from fluxgymd.kinds import KINDS, Policy
 from fluxgymd.kinds.kohya import KohyaOutput, flag
 from tests.test_kohya_state import write_state
 
 KIND = KINDS["kohya"]
-DEFAULTS = {"kohya.save_every_n_steps": 50}
+DEFAULTS = Policy(kohya_save_every_n_steps=50)
 
 
 @pytest.fixture
@@ -143,3 +143,138 @@ def test_phases_steps_checkpoints_and_samples_come_from_the_output(tmp_path):
     assert [e for e in events if e["event"] == "checkpoint"] == [
         {"event": "checkpoint", "path": str(state), "step": 2}]  # the torn one is not taken
     assert events[-1] == {"event": "sample", "path": f"{tmp_path}/sample/j_000002_00.png"}
+
+
+# --- who may run what: [kohya] checkouts -------------------------------------------------
+def allowed(checkout, **more) -> Policy:
+    return Policy(kohya_checkouts=((str(checkout), ""),), config_file="/etc/fluxgymd/x.toml",
+                  **more)
+
+
+def refusals(section, base, policy):
+    out, errors = validate(section, base)
+    assert errors == [], errors
+    return KIND.refusals({"kohya": out}, policy)
+
+
+def test_kohya_jobs_are_refused_until_a_checkout_is_allowed(tmp_path, checkout):
+    [why] = refusals({"sd_scripts": str(checkout), "args": []}, tmp_path, Policy())
+    assert "refused until this fluxgymd allows an sd-scripts checkout" in why
+    assert f'checkouts = ["{checkout}"]' in why and "[kohya]" in why
+    assert refusals({"sd_scripts": str(checkout), "args": []}, tmp_path, allowed(checkout)) == []
+    # command jobs allowed: anything goes, as for a command job
+    assert refusals({"sd_scripts": str(checkout), "args": []}, tmp_path,
+                    Policy(allow_command_jobs=True)) == []
+
+
+def test_another_checkout_is_refused_with_the_line_to_add(tmp_path, checkout):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "flux_train_network.py").write_text("")
+    [why] = refusals({"sd_scripts": str(other), "args": []}, tmp_path, allowed(checkout))
+    assert f"kohya.sd_scripts {other} is not a checkout this fluxgymd allows ({checkout})" in why
+    assert f'add "{other}" to checkouts under [kohya] in /etc/fluxgymd/x.toml' in why
+    # the same folder through a symlink is the same checkout
+    link = tmp_path / "link"
+    os.symlink(checkout, link)
+    assert refusals({"sd_scripts": str(link), "args": []}, tmp_path, allowed(checkout)) == []
+
+
+def test_only_the_checkouts_own_python_runs_it(tmp_path, checkout):
+    fake = tmp_path / "evil"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    [why] = refusals({"sd_scripts": str(checkout), "args": [], "python": str(fake)}, tmp_path,
+                     allowed(checkout))
+    assert f"kohya.python {fake} is not the Python this fluxgymd runs" in why
+    assert f'python = "{fake}"' in why
+    assert refusals({"sd_scripts": str(checkout), "args": [],
+                     "python": str(checkout / "venv" / "bin" / "python")}, tmp_path,
+                    allowed(checkout)) == []
+    # an administrator may name another Python for a checkout
+    policy = Policy(kohya_checkouts=((str(checkout), str(fake)),))
+    assert refusals({"sd_scripts": str(checkout), "args": [], "python": str(fake)}, tmp_path,
+                    policy) == []
+    [why] = refusals({"sd_scripts": str(checkout), "args": []}, tmp_path, policy)
+    assert "is not the Python" in why
+
+
+def test_the_script_must_be_one_of_the_checkouts_own(tmp_path, checkout):
+    outside = tmp_path / "payload.py"
+    outside.write_text("")
+    os.symlink(outside, checkout / "sneaky.py")
+    (checkout / "notes.txt").write_text("")
+    for script in ("sneaky.py", "notes.txt"):
+        [why] = refusals({"sd_scripts": str(checkout), "args": [], "script": script}, tmp_path,
+                         allowed(checkout))
+        assert f"kohya.script {script!r} must be one of sd-scripts' own" in why, why
+
+
+def test_env_that_loads_code_is_refused_by_name(tmp_path, checkout):
+    env = {"LD_PRELOAD": "/tmp/x.so", "PYTHONPATH": "/tmp", "PATH": "/tmp", "BASH_ENV": "x",
+           "PYTHONSTARTUP": "x", "HOME": "/tmp", "CUDA_INJECTION64_PATH": "x",
+           "HF_HOME": "/data/hf", "CUDA_VISIBLE_DEVICES": "0", "HF_HUB_OFFLINE": "1"}
+    why = refusals({"sd_scripts": str(checkout), "args": [], "env": env}, tmp_path,
+                   allowed(checkout))
+    named = {w.split()[0].removeprefix("kohya.env.") for w in why}
+    assert named == {"LD_PRELOAD", "PYTHONPATH", "PATH", "BASH_ENV", "PYTHONSTARTUP", "HOME",
+                     "CUDA_INJECTION64_PATH"}, why
+
+
+def test_arguments_that_import_other_modules_are_refused(tmp_path, checkout):
+    args = ["--network_module", "os", "--optimizer_type", "subprocess.Popen",
+            "--config_file", "x.toml"]
+    why = " | ".join(refusals({"sd_scripts": str(checkout), "args": args}, tmp_path,
+                              allowed(checkout)))
+    assert "--network_module 'os'" in why and "--optimizer_type 'subprocess.Popen'" in why
+    assert "--config_file is refused" in why
+    fine = ["--network_module", "networks.lora_flux", "--optimizer_type", "adamw8bit",
+            "--optimizer_type", "bitsandbytes.optim.AdEMAMix8bit", "--lr_scheduler", "cosine"]
+    assert refusals({"sd_scripts": str(checkout), "args": fine}, tmp_path,
+                    allowed(checkout)) == []
+
+
+def test_a_refused_kohya_job_runs_nothing_at_submit(tmp_path, checkout):
+    """The refusal comes before sd-scripts' argument check, which runs the job's Python."""
+    from fluxgymd import jobspec
+    from fluxgymd.protocol import FluxgymError
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "py"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    evil.chmod(0o755)
+    text = (f'[job]\nname = "k"\nkind = "kohya"\n[kohya]\nsd_scripts = "{checkout}"\n'
+            f'python = "{evil}"\nargs = []\n')
+    for policy in (None, allowed(checkout)):
+        with pytest.raises(FluxgymError) as e:
+            jobspec.parse(text, str(tmp_path / "k.toml"), outputs_dir=tmp_path, policy=policy)
+        assert e.value.code.value == "forbidden", e.value.message
+    assert not marker.exists()
+    with pytest.raises(FluxgymError) as e:  # where command jobs are allowed, it runs
+        jobspec.parse(text, str(tmp_path / "k.toml"), outputs_dir=tmp_path,
+                      policy=Policy(allow_command_jobs=True))
+    assert marker.exists() and e.value.code.value == "invalid_job"
+
+
+def test_the_daemon_refuses_a_kohya_job_until_its_checkout_is_allowed(daemon_factory,
+                                                                      tmp_path, checkout):
+    """Through the real socket and CLI: refused with the line to add (exit 4), then, with
+    the checkout allowed and the daemon reloaded, accepted (its argument check runs)."""
+    import signal as sig
+
+    from fluxgymd.testing import wait_until
+    d = daemon_factory("ky-allow", allow_command_jobs=False).start()
+    job = tmp_path / "k.toml"
+    job.write_text(f'[job]\nname = "k"\nkind = "kohya"\n[kohya]\nsd_scripts = "{checkout}"\n'
+                   'args = ["--seed", "1"]\n')
+    r = d.ctl("submit", str(job))
+    assert r.returncode == 4, r.stderr
+    assert "kohya jobs are refused until this fluxgymd allows an sd-scripts checkout" in \
+        r.stderr and f'checkouts = ["{checkout}"]' in r.stderr
+    d.config["kohya__checkouts"] = [str(checkout)]
+    d.write_config()
+    d.proc.send_signal(sig.SIGHUP)
+    wait_until(lambda: "reloaded the config" in d.logs(), 10)
+    r = d.ctl("submit", str(job))
+    # allowed now: what refuses it is sd-scripts' own check (this checkout's script is empty)
+    assert "refused until" not in r.stderr and "has no setup_parser()" in r.stderr, r.stderr

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from fluxgymd import jobspec
+from fluxgymd.kinds import Policy
 from fluxgymd.config import ConfigError, load
 from fluxgymd.executors.slurm_job import (Files, Follower, SlurmSettings, batch_script,
                                           parse_exit_file, parse_squeue)
@@ -144,7 +145,7 @@ def test_a_loss_by_the_cluster_resumes_without_spending_a_restart():
 
 
 def job(text: str):
-    return jobspec.parse(textwrap.dedent(text))
+    return jobspec.parse(textwrap.dedent(text), policy=Policy(allow_command_jobs=True))
 
 
 CMD = '[job]\nname = "j"\nkind = "command"\n{more}\n[command]\nargv = ["true"]\n'

@@ -159,10 +159,15 @@ def test_make_install_lays_out_units_config_and_a_relocated_venv(stage):
             "#!/usr/local/lib/fluxgymd/bin/python"
     unit = (stage / "usr/local/lib/systemd/system/fluxgymd.service").read_text()
     assert "ExecStart=/usr/local/bin/fluxgymd --config /etc/fluxgymd/fluxgymd.toml" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert (stage / "usr/local/lib/sysusers.d/fluxgymd.conf").exists()
     assert (stage / "usr/local/lib/tmpfiles.d/fluxgymd.conf").exists()
     assert (stage / "etc/fluxgymd/fluxgymd.toml").read_text() == \
         (REPO / "etc/fluxgymd.toml").read_text()
+    # the tests' harness is not installed with the package
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert (site / "fluxgymd" / "daemon.py").is_file()
+    assert not (site / "fluxgymd" / "testing.py").exists()
     # nothing in the venv's scripts, config or bytecode still points into the stage
     stage_path = str(stage).encode()
     for f in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg",

@@ -15,7 +15,7 @@ def train_section(root: Path, **train) -> dict:
                    save_every_n_steps=10, save_every_n_epochs=0, t5xxl_max_token_length=32,
                    log_every_n_steps=1)
     section.update(train)
-    return section
+    return {k: v for k, v in section.items() if v is not None}  # None: the trainer's default
 
 
 def job_file(root: Path, name: str, watchdog: dict | None = None, **train) -> Path:

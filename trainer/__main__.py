@@ -5,29 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tomllib
 
-from . import config
-
-
-def load_job(path: str) -> tuple[config.TrainConfig, str]:
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except FileNotFoundError:
-        raise SystemExit(f"trainer: job file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SystemExit(f"trainer: {path}: {e}") from None
-    train = doc.get("train")
-    if not isinstance(train, dict):
-        raise SystemExit(f"trainer: {path} has no [train] section")
-    try:
-        cfg = config.parse(train, os.path.dirname(os.path.abspath(path)))
-    except config.TrainConfigError as e:
-        raise SystemExit(f"trainer: {path} has {len(e.problems)} problem(s):\n"
-                         + "\n".join(f"  - {p}" for p in e.problems)) from None
-    name = (doc.get("job") or {}).get("name") or os.path.splitext(os.path.basename(path))[0]
-    return cfg, name
+from .config import TrainError, load_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never wait on a hub
     cfg, name = load_job(args.job_file)
     out = args.output_dir or os.environ.get("FLUXGYM_OUTPUT_DIR") or os.path.join("outputs", name)
+    from .checkpoint import OutputBusy
     from .data import DatasetError
-    from .train import TrainError, run
+    from .train import run
 
     try:
         return run(cfg, name, os.path.abspath(out), args.fresh)
     except (DatasetError, TrainError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         return 2
+    except OutputBusy as e:  # not the job's fault, and it may pass: a crash, retried later
+        print(f"trainer: {e}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError) as e:
         if not disk_full(e):
             raise

@@ -7,6 +7,7 @@ none. Only folders with a manifest whose files match it count.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +29,31 @@ FAULT_ENV = "TRAINER_FAULT"
 
 class CheckpointError(Exception):
     pass
+
+
+LOCK = ".trainer.lock"
+
+
+class OutputBusy(Exception):
+    """Another trainer holds the output folder: this one must not write beside it."""
+
+
+def hold_output(out: str) -> int:
+    """An exclusive lock on the output folder for as long as this process (and what it
+    forks) lives: a second trainer of the same job, whoever started it, refuses to run
+    instead of writing the same checkpoints. The fd is never closed on purpose."""
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OutputBusy(f"another trainer (pid {holder}) is writing to {out}; refusing to "
+                         "run beside it (stop that one first)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,6 +38,10 @@ def lora_targets(names: list[str]) -> str:
 
     alts = "|".join(re.escape(n) for n in names)
     return rf"(?:single_)?transformer_blocks\.\d+\.(?:.*\.)?(?:{alts})"
+
+
+class TrainError(Exception):
+    """A problem the user must fix (the trainer exits 2)."""
 
 
 class TrainConfigError(Exception):
@@ -225,3 +230,25 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
     if problems:
         raise TrainConfigError(problems)
     return cfg
+
+
+def load_job(path: str) -> tuple[TrainConfig, str]:
+    """A job file's [train] section, validated, and the job's name; SystemExit with the
+    problems otherwise (the trainer's and trainer.plan's command lines)."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SystemExit(f"trainer: job file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"trainer: {path}: {e}") from None
+    train = doc.get("train")
+    if not isinstance(train, dict):
+        raise SystemExit(f"trainer: {path} has no [train] section")
+    try:
+        cfg = parse(train, os.path.dirname(os.path.abspath(path)))
+    except TrainConfigError as e:
+        raise SystemExit(f"trainer: {path} has {len(e.problems)} problem(s):\n"
+                         + "\n".join(f"  - {p}" for p in e.problems)) from None
+    name = (doc.get("job") or {}).get("name") or os.path.splitext(os.path.basename(path))[0]
+    return cfg, name

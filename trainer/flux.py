@@ -60,9 +60,9 @@ def cache_latents(vae, cache: Cache, items: list[Item],
     return out
 
 
-def _encoder_pipeline(src, dtype: torch.dtype, which: str) -> FluxPipeline:
+def _encoder_pipeline(src, dtype: torch.dtype, which: str, device) -> FluxPipeline:
     """A pipeline holding one text encoder and its tokenizer, for encode_prompt's helpers."""
-    model, tokenizer = load_text_encoder(src, dtype, which)
+    model, tokenizer = load_text_encoder(src, dtype, which, device)
     parts = dict(scheduler=None, vae=None, transformer=None, text_encoder=None, tokenizer=None,
                  text_encoder_2=None, tokenizer_2=None)
     if which == "clip":
@@ -81,13 +81,13 @@ def cache_text(src, dtype: torch.dtype, cache: Cache, captions: list[str], devic
     missing = [c for c in dict.fromkeys(captions) if not os.path.exists(cache.text_path(c))]
     loaded = []
     if missing:
-        clip = _encoder_pipeline(src, dtype, "clip")
+        clip = _encoder_pipeline(src, dtype, "clip", device)
         clip.text_encoder.to(device)
         pooled = {c: clip._get_clip_prompt_embeds(prompt=[c], device=device)[0].float().cpu()
                   for c in missing}
         del clip
         free()
-        t5 = _encoder_pipeline(src, dtype, "t5")
+        t5 = _encoder_pipeline(src, dtype, "t5", device)
         t5.text_encoder_2.to(device)
         for c in missing:
             embeds = t5._get_t5_prompt_embeds(prompt=[c], max_sequence_length=max_len,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from . import checkpoint as ckpt
 from . import tiers
+from .config import TrainError
 
 
 def free_gpu_bytes(device) -> int | None:
@@ -64,8 +65,6 @@ def choose_levers(cfg, src, ckpt_root: str, device, rep) -> dict:
              parts=planned["parts"], free_bytes=free, levers=lever)
     if free is not None and planned["peak_bytes"] > free:
         fits = [t for t in tiers.TIER_NAMES if plans[t]["peak_bytes"] <= free]
-        from .train import TrainError
-
         raise TrainError(
             f"this job's plan for tier {tier} needs {planned['peak_bytes'] / tiers.GiB:.1f} GiB "
             f"and the GPU has {free / tiers.GiB:.1f} GiB free; "

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from . import quiet
-    from .__main__ import load_job
+    from .config import load_job
 
     cfg, _ = load_job(args.job_file)
     quiet()

@@ -247,6 +247,30 @@ def from_hub_cache(repo_id: str) -> str | None:
     return None
 
 
+def custom_code(folder: str) -> str | None:
+    """The code a tokenizer folder asks transformers to import (`auto_map` in its
+    tokenizer_config.json), or None. The trainer never runs a model's own code, so such a
+    folder is refused rather than loaded (transformers would ask on a terminal, or refuse)."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as fh:
+            conf = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    auto = conf.get("auto_map") if isinstance(conf, dict) else None
+    return json.dumps(auto)[:120] if auto else None
+
+
+def _custom_code_problems(src: Source) -> list[str]:
+    out = []
+    for sub in ("tokenizer", "tokenizer_2"):
+        folder = getattr(src, sub)
+        if folder and (code := custom_code(folder)):
+            out.append(f"the tokenizer in {folder} asks to run its own code (auto_map {code}); "
+                       "the trainer never runs code that comes with a model: use FLUX.1's own "
+                       "tokenizer files (" + TOKENIZER_FILES[sub][1] + ")")
+    return out
+
+
 def _tokenizer_problems(tokenizers: str, src: Source) -> list[str]:
     problems = []
     for sub in ("tokenizer", "tokenizer_2"):
@@ -263,6 +287,12 @@ def resolve(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "",
             tokenizers: str = "") -> Source:
     """The job's model, as parts to load. Problems that need the user's attention are in
     `.problems`; a wrong file raises SourceError."""
+    src = _resolve(model, clip_l, t5xxl, ae, tokenizers)
+    src.problems += _custom_code_problems(src)
+    return src
+
+
+def _resolve(model: str, clip_l: str, t5xxl: str, ae: str, tokenizers: str) -> Source:
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise SourceError(f"{model} has no model_index.json; is it a diffusers-format Flux "
@@ -312,7 +342,7 @@ def resolve(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "",
     if HUB_ID.match(model) and not model.startswith((".", "/")):
         found = from_hub_cache(model)
         if found:
-            return resolve(found, clip_l, t5xxl, ae, tokenizers)
+            return _resolve(found, clip_l, t5xxl, ae, tokenizers)
         raise SourceError(f"{model} is not a local path and is not in the Hugging Face cache "
                           f"({', '.join(hub_cache_dirs())}); download it first, e.g. "
                           f"`huggingface-cli download {model}`, or give a local path")

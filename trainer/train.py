@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from . import checkpoint as ckpt
-from .config import PATH_KEYS, TrainConfig, lora_targets
+from .config import PATH_KEYS, TrainConfig, TrainError, lora_targets
 from .tiers import TIERS
 from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
 from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
@@ -33,10 +33,6 @@ STATE_LEVERS = ("fp8_base", "quantize_base", "optimizer_type")
 # the levers of what is now the `none` tier
 LEGACY = {"clip_l": "", "t5xxl": "", "ae": "", "optimizer_args": [],
           **{k: TIERS["none"][k] for k in STATE_LEVERS}}
-
-
-class TrainError(Exception):
-    """A problem the user must fix (exit 2)."""
 
 
 @dataclass
@@ -82,6 +78,7 @@ def run(cfg: TrainConfig, name: str, out: str, fresh: bool) -> int:
 
 
 def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Reporter) -> int:
+    ckpt.hold_output(out)  # first: one trainer per output folder, ever
     rep.phase("loading", f"{cfg.pretrained_model}")
     from .preflight import check_model
 
@@ -137,7 +134,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
     need_vae = any(not os.path.exists(cache.latent_path(it, b))
                    for it, b in zip(items, bucket_of))
     loaded = []
-    encoder = models.load_vae(src, dtype).to(device) if need_vae else None
+    encoder = models.load_vae(src, dtype, device).to(device) if need_vae else None
     latents = flux.cache_latents(encoder, cache, items, bucket_of, device)
     if encoder is not None:
         loaded.append("VAE")
@@ -242,7 +239,7 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
         nonlocal vae
         rep.phase("sampling", f"{len(cfg.sample_prompts)} prompt(s) at step {step}")
         if vae is None:
-            vae = models.load_vae(src, dtype)
+            vae = models.load_vae(src, dtype, device)
         vae.to(device)
         sampler = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                text_encoder=None, tokenizer=None, text_encoder_2=None,

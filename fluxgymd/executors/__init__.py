@@ -28,7 +28,8 @@ class SpawnError(Exception):
 class Exit:
     code: int | None  # exit status, or None when killed by a signal (or never known)
     signal: int | None
-    leftovers: int = 0  # processes of the group killed after the leader exited
+    leftovers: int = 0  # processes of its group killed after the leader exited
+    escaped: int = 0  # processes that had left its group (setsid), stopped with it
     # The cluster ended it (node failure, preemption, a time limit it could not checkpoint
     # before): the job is resumed without spending a restart.
     lost: str = ""

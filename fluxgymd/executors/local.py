@@ -3,7 +3,9 @@ its output, signal its whole tree, reap it.
 
 Exit is noticed through a pidfd, which does not reap it: while the leader is an
 unreaped zombie its pid (and so its process group id) cannot be reused, which makes it safe
-to SIGKILL whatever the job left behind in its group before the pid is released.
+to SIGKILL whatever the job left behind in its group before the pid is released. Processes
+that left the group (setsid) are found by the attempt's token among fluxgymd's descendants
+(procs.py) and signalled with the group, every time.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable
 
 import psutil
 
+from .. import procs
 from ..joblog import LineSplitter
 from . import Exit, SpawnError
 
@@ -43,8 +46,11 @@ class Child:
         env: dict[str, str],
         cwd: str | None,
         on_output: Callable[[list[str], str, str], None],
+        token: str | None = None,
     ):
         self.argv = argv
+        self.token = token or env.get(procs.TOKEN_ENV)
+        self.escaped: set[tuple[int, int | None]] = set()  # (pid, start) of those signalled
         self.on_output = on_output
         self.external_id: str | None = None  # local attempts are known by their pid
         self.node: str | None = None
@@ -125,15 +131,17 @@ class Child:
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         # Still an unreaped zombie here: its pgid is ours alone, so leftovers can be killed.
-        leftovers = self._kill_leftovers()
+        leftovers, escaped = self._kill_leftovers()
         _, status = os.waitpid(self.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         self.proc.returncode = code  # so Popen never waits on a reaped pid
         result = Exit(code=code if code >= 0 else None,
-                      signal=-code if code < 0 else None, leftovers=leftovers)
+                      signal=-code if code < 0 else None, leftovers=leftovers, escaped=escaped)
         self._loop.create_task(self._finish(result))
 
-    def _kill_leftovers(self) -> int:
+    def _kill_leftovers(self) -> tuple[int, int]:
+        """SIGKILL what the attempt left running: (members of its group, processes that had
+        left the group)."""
         members = 0
         for p in psutil.process_iter(["pid"]):
             try:
@@ -143,7 +151,37 @@ class Child:
                 continue
         if members:
             self._killpg(signal.SIGKILL)
-        return members
+        self._stop_escapees(signal.SIGKILL, detached_only=False)
+        return members, len(self.escaped)
+
+    def escapees(self, detached_only: bool = False) -> list[procs.Proc]:
+        """The attempt's processes outside its group: fluxgymd's descendants (it is their
+        subreaper) that carry the attempt's token. `detached_only`: just those that also
+        left the attempt's tree (re-parented to fluxgymd: setsid and a double fork); one
+        whose parent is still the job's (DataLoader workers that the kohya launcher moves
+        out of the group so a SIGTERM cannot kill them before the save) is its parent's to
+        stop, and is SIGKILLed only with what is left when the attempt ends."""
+        if not self.token:
+            return []
+        me = os.getpid()
+        out = []
+        for pid, token in procs.with_tokens(self.token, procs.descendants()).items():
+            if token != self.token or pid == self.pid:
+                continue
+            try:
+                if os.getpgid(pid) == self.pid:
+                    continue  # the group's signal reaches it
+            except OSError:
+                continue
+            if detached_only and procs.has_ancestor(pid, self.pid, stop_at=me):
+                continue
+            out.append(procs.Proc(pid))
+        return out
+
+    def _stop_escapees(self, sig: int, detached_only: bool) -> None:
+        found = self.escapees(detached_only)
+        self.escaped.update((p.pid, p.started) for p in found if p.alive())
+        procs.stop_signal(found, sig)
 
     async def _finish(self, result: Exit) -> None:
         try:
@@ -174,10 +212,15 @@ class Child:
             raise
 
     def signal(self, sig: int) -> bool:
-        """Signal the job's whole process group (never anything else)."""
+        """Signal the job's whole process group and what left it (never anything else); a
+        stop signal comes with SIGCONT, so a frozen process acts on it at once."""
         if self.proc.returncode is not None:
             return False
-        return self._killpg(sig)
+        sent = self._killpg(sig)
+        if sent and sig not in (signal.SIGKILL, signal.SIGCONT):
+            self._killpg(signal.SIGCONT)
+        self._stop_escapees(sig, detached_only=sig != signal.SIGKILL)
+        return sent
 
     def dump_stacks(self) -> None:
         """The contract's SIGUSR1, to the main process only (its workers have no say)."""
@@ -211,11 +254,13 @@ def same_process(pid: int | None, create_time: float | None) -> bool:
 
 
 async def kill_orphan_group(pid: int, create_time: float | None, grace_s: float) -> bool:
-    """Stop the group of a child that a previous daemon left running."""
+    """Stop the group of a child that a previous daemon left running (SIGCONT with the
+    SIGTERM: a frozen one would otherwise wait out the whole grace)."""
     if not same_process(pid, create_time):
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)
     except OSError:
         return False
     deadline = time.monotonic() + grace_s

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import parse_tqdm
-from . import JobKind
+from .base import JobKind
 
 PROGRESS_PARSERS = ("tqdm", "none")
 
@@ -28,7 +28,7 @@ class CommandKind(JobKind):
     name = section = "command"
     runs_any_program = True
 
-    def validate(self, section, base, errors, defaults):
+    def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):
             errors.append("a command job needs a [command] section with "
                           "argv = [\"program\", ...]")

@@ -21,7 +21,7 @@ from typing import Any
 from .. import kohya_state
 from ..fluxgym import FluxGymImportError, read_script
 from ..progress import parse_tqdm
-from . import JobKind
+from .base import JobKind
 
 LAUNCHER = str(Path(__file__).with_name("kohya_launcher.py"))
 KEYS = {"sd_scripts": str, "python": str, "script": str, "args": list, "train_script": str,
@@ -82,6 +82,19 @@ def model_ext(args: list[str]) -> str:
     return "." + (flag(args, "--save_model_as") or "safetensors")
 
 
+def found_python(sd_scripts: Path | str) -> str:
+    """The Python that runs a checkout when nothing names one: its venv (FluxGym's and
+    sd-scripts' own layouts), else python3 on the daemon's PATH; "" when there is none."""
+    for rel in VENVS:
+        cand = os.path.normpath(os.path.join(sd_scripts, rel))
+        if os.access(cand, os.X_OK):
+            return cand
+    for name in ("python3", "python"):
+        if (found := shutil.which(name)):
+            return found
+    return ""
+
+
 def _python(sd_scripts: Path, given: str | None, base: Path, errors: list[str]) -> str:
     if given:
         path = given if "/" not in given else os.path.normpath(base / given)
@@ -89,23 +102,110 @@ def _python(sd_scripts: Path, given: str | None, base: Path, errors: list[str]) 
         if not found or not os.access(found, os.X_OK):
             errors.append(f"kohya.python: {path} is not an executable Python")
         return found or path
-    for rel in VENVS:
-        cand = os.path.normpath(sd_scripts / rel)
-        if os.access(cand, os.X_OK):
-            return cand
-    for name in ("python3", "python"):
-        if (found := shutil.which(name)):
-            return found
+    if (found := found_python(sd_scripts)):
+        return found
     errors.append(f"kohya.python: no venv in {sd_scripts} ({', '.join(VENVS)}) and no python "
                   "on the daemon's PATH; set kohya.python to sd-scripts' Python")
     return ""
+
+
+def _same_file_path(a: str, b: str) -> bool:
+    """One path, however it is spelt: folders resolved (a checkout reached through a
+    symlink), the last name kept (a venv's bin/python is a symlink that must stay one)."""
+    def canon(p: str) -> str:
+        p = os.path.abspath(p)
+        return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+    return canon(a) == canon(b)
+
+
+# Environment variables through which a process loads code it was not asked to run: the
+# dynamic linker's, Python's own, interpreters' and shells' start-up files, plugins that CUDA,
+# OpenMP and NCCL load by path, compiled-kernel caches that are loaded without a check, and
+# the places a Python finds its user site-packages (.pth files run code).
+CODE_LOADING_PREFIXES = ("LD_", "DYLD_", "PYTHON", "BASH_FUNC_", "TORCHINDUCTOR_", "TRITON_",
+                         "PERL", "RUBY", "NODE_")
+CODE_LOADING_NAMES = frozenset({
+    "PATH", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "GCONV_PATH",
+    "GLIBC_TUNABLES", "HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+    "OMP_TOOL_LIBRARIES", "OMP_TOOL", "KMP_TOOL_LIBRARIES", "CUDA_INJECTION64_PATH",
+    "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN", "TORCH_EXTENSIONS_DIR",
+    "PYTORCH_KERNEL_CACHE_PATH", "HF_MODULES_CACHE", "ACCELERATE_CONFIG_FILE", "JAVA_TOOL_OPTIONS",
+})
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def code_loading(name: str) -> bool:
+    upper = name.upper()
+    return upper in CODE_LOADING_NAMES or upper.startswith(CODE_LOADING_PREFIXES)
+
+
+# sd-scripts' arguments that name Python modules it imports: only sd-scripts' own networks,
+# and optimizers and schedulers from the packages its instructions name. --config_file would
+# set any of them from a file fluxgymd does not read.
+MODULE_FLAGS = {
+    "--network_module": ("networks.",),
+    "--optimizer_type": ("torch.optim.", "bitsandbytes.", "transformers.", "prodigyopt.",
+                         "schedulefree.", "lion_pytorch.", "dadaptation.", "pytorch_optimizer.",
+                         "came_pytorch.", "library."),
+    "--lr_scheduler_type": ("torch.optim.lr_scheduler.", "transformers.", "diffusers.",
+                            "library."),
+}
+REFUSED_FLAGS = ("--config_file",)
+
+
+def _checkout_refusals(k: dict[str, Any], policy) -> list[str]:
+    where = policy.where
+    sd = k["sd_scripts"]
+    if not policy.kohya_checkouts:
+        return [f"kohya jobs are refused until this fluxgymd allows an sd-scripts checkout: a "
+                f"kohya job runs that checkout's Python, so each one is the administrator's "
+                f"choice. Add it under [kohya] in {where}: checkouts = [\"{sd}\"], then "
+                "reload fluxgymd (systemctl reload fluxgymd, or SIGHUP)"]
+    for checkout, python in policy.kohya_checkouts:
+        if os.path.realpath(checkout) == os.path.realpath(sd):
+            break
+    else:
+        allowed = ", ".join(c for c, _ in policy.kohya_checkouts)
+        return [f"kohya.sd_scripts {sd} is not a checkout this fluxgymd allows ({allowed}); "
+                f"to allow it, add \"{sd}\" to checkouts under [kohya] in {where} and reload "
+                "fluxgymd"]
+    out = []
+    want = python or found_python(checkout)
+    if not want or not _same_file_path(k["python"], want):
+        out.append(f"kohya.python {k['python']} is not the Python this fluxgymd runs {checkout} "
+                   f"with ({want or 'none found'}); leave kohya.python out, or allow it under "
+                   f"[kohya] in {where}: checkouts = [{{ path = \"{checkout}\", python = "
+                   f"\"{k['python']}\" }}]")
+    script = os.path.join(sd, k["script"])
+    if not k["script"].endswith(".py") or k["script"].startswith(".") or \
+            os.path.dirname(os.path.realpath(script)) != os.path.realpath(sd):
+        out.append(f"kohya.script {k['script']!r} must be one of sd-scripts' own training "
+                   f"scripts, a .py file directly in {checkout} (e.g. flux_train_network.py)")
+    for name in k["env"]:
+        if not ENV_NAME.fullmatch(name):
+            out.append(f"kohya.env: {name!r:.60} is not a variable name")
+        elif code_loading(name):
+            out.append(f"kohya.env.{name} may not be set: it decides which code a process "
+                       "loads (LD_*, PYTHON*, PATH and the like are the administrator's)")
+    for flag_name in REFUSED_FLAGS:
+        if flag(k["args"], flag_name) is not None or flag_name in k["args"]:
+            out.append(f"{flag_name} is refused: fluxgymd checks every argument, so give its "
+                       "settings as arguments instead")
+    for flag_name, prefixes in MODULE_FLAGS.items():
+        value = flag(k["args"], flag_name)
+        if value is None or (flag_name != "--network_module" and "." not in value):
+            continue  # sd-scripts' own names (adamw8bit, cosine) import nothing new
+        if not value.startswith(prefixes):
+            out.append(f"{flag_name} {value!r:.80} names a module sd-scripts would import; "
+                       f"only {', '.join(p + '*' for p in prefixes)} are allowed")
+    return out
 
 
 class KohyaKind(JobKind):
     name = section = "kohya"
     speaks_contract = True  # judged by the steps and phases read from its output
 
-    def validate(self, section, base, errors, defaults):
+    def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):
             errors.append("a kohya job needs a [kohya] section with sd_scripts = \"DIR\" and "
                           "args = [...] or train_script = \"train.sh\" (see etc/jobs/kohya.toml)")
@@ -171,8 +271,16 @@ class KohyaKind(JobKind):
         every = section.get("save_every_n_steps")
         if every is not None and every < 1:
             errors.append(f"kohya.save_every_n_steps must be 1 or more, got {every}")
-        out["save_every_n_steps"] = every or defaults.get("kohya.save_every_n_steps", 100)
+        out["save_every_n_steps"] = every or policy.kohya_save_every_n_steps
         return out
+
+    def refusals(self, spec, policy):
+        """A kohya job runs a Python: only from a checkout the administrator allowed, with
+        the Python found there, one of its own scripts, and no environment or argument that
+        makes it load other code; anything goes where command jobs are allowed."""
+        if policy.allow_command_jobs:
+            return []
+        return _checkout_refusals(spec["kohya"], policy)
 
     def check(self, spec, outputs_dir):
         """sd-scripts' own parser, run in its own Python, judges the arguments."""

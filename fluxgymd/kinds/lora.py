@@ -10,7 +10,7 @@ import tomli_w
 from trainer import config as train_config
 from trainer.preflight import preflight
 
-from . import JobKind
+from .base import JobKind
 
 
 class LoraKind(JobKind):
@@ -18,7 +18,7 @@ class LoraKind(JobKind):
     section = "train"
     speaks_contract = True
 
-    def validate(self, section, base, errors, defaults):
+    def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):
             errors.append("a lora job needs a [train] section (see etc/jobs/tiny-lora.toml)")
             return {}

@@ -1,0 +1,80 @@
+"""The interface every job kind offers (see the package's docstring)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+_STEP_IN_NAME = re.compile(r"(?:step-|_)(\d{6,8})(?:[-_.])")
+
+# (lines, pending) -> normalized progress events (progress.py's shapes), newest last
+OutputParser = Callable[[list[str], str], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What this fluxgymd lets a job do. A job that asks for more is refused when it is
+    submitted (before anything of it runs, its checks included) and again before each
+    attempt, since the config may have changed while it waited."""
+    allow_command_jobs: bool = False
+    # sd-scripts checkouts kohya jobs may run: (folder, its Python, or "" for the one found
+    # in the checkout as kohya.python's default finds it)
+    kohya_checkouts: tuple[tuple[str, str], ...] = ()
+    kohya_save_every_n_steps: int = 100
+    config_file: str = ""  # where an administrator changes this, for the advice
+
+    @property
+    def where(self) -> str:
+        return self.config_file or "fluxgymd's config file (--config)"
+
+    def command_jobs_off(self) -> str:
+        return ("command jobs are turned off on this fluxgymd: a command job runs any program "
+                "as the daemon's user, so anyone who can reach its socket could run code. To "
+                f"allow them, set allow_command_jobs = true under [daemon] in {self.where} "
+                "(or start fluxgymd with --allow-command-jobs) and restart it")
+
+
+class JobKind:
+    name = ""
+    section = ""  # the job file's table for this kind
+    speaks_contract = False  # judged by progress events from its start, not only by output
+    runs_any_program = False  # refused unless command jobs are allowed
+
+    def validate(self, section: Any, base: Path, errors: list[str],
+                 policy: Policy) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def refusals(self, spec: dict[str, Any], policy: Policy) -> list[str]:
+        """Why this fluxgymd may not run the (validated) job, or []: what the kind could run
+        beyond what the administrator allowed."""
+        if self.runs_any_program and not policy.allow_command_jobs:
+            return [policy.command_jobs_off()]
+        return []
+
+    def check(self, spec: dict[str, Any], outputs_dir: str) -> tuple[list[str], list[str]]:
+        """(problems, warnings) found on this machine; problems refuse the job."""
+        return [], []
+
+    def command(self, job: dict[str, Any]) -> tuple[list[str], dict[str, str], str | None]:
+        """(argv, extra environment, working directory) of the job's next attempt."""
+        raise NotImplementedError
+
+    def output_parser(self, spec: dict[str, Any]) -> OutputParser | None:
+        return None
+
+    def finished(self, job: dict[str, Any]) -> bool:
+        return False
+
+    def result(self, job: dict[str, Any]) -> str | None:
+        """The file a finished job produced, once it exists."""
+        return None
+
+    def sample_dir(self, job: dict[str, Any]) -> Path | None:
+        """Where its sample images appear: samples/ in its folder unless the kind says."""
+        return Path(job["output_dir"]) / "samples"
+
+    def sample_step(self, name: str) -> int | None:
+        """The step a sample image was made at, from its file name."""
+        m = _STEP_IN_NAME.search(name)
+        return int(m.group(1)) if m else None
