@@ -162,20 +162,22 @@ def _hooks_line(a: dict) -> str:
 @click.option("--name", default="", help="Use this job name instead of the file's job.name.")
 @click.option("--priority", type=click.IntRange(*PRIORITY_RANGE), default=0, show_default=True,
               help="Higher runs first; equal priorities run in submission order.")
+@click.option("--after", multiple=True, metavar="JOB", help="Start only once JOB (id or name) "
+              "has succeeded; fail at once if it fails (repeatable; adds to [job] after).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the job ends; exit 0 if it "
               "succeeded, 1 if not.")
 @click.option("--wait-timeout", type=float, default=None, metavar="SECONDS",
               help="With --wait: give up after this long (exit 6).")
 @command
-def submit(ctx: Ctx, job_file: str, name: str, priority: int, wait_: bool,
-           wait_timeout: float | None) -> None:
+def submit(ctx: Ctx, job_file: str, name: str, priority: int, after: tuple[str, ...],
+           wait_: bool, wait_timeout: float | None) -> None:
     """Queue the job described by JOB_FILE (TOML).
 
     Exits 0 when the job is queued or running, 1 when it failed at once (the reason is
     printed), 4 when fluxgymd refused the file."""
     text = _read_job_file(ctx, job_file)
     job = ctx.call("submit", text=text, source=os.path.abspath(job_file), name=name,
-                   priority=priority)
+                   priority=priority, after=list(after) or None)
     if not ctx.json:
         for w in job.get("warnings") or []:
             click.echo(f"fluxgymctl: warning: {w}", err=True)
@@ -185,8 +187,9 @@ def submit(ctx: Ctx, job_file: str, name: str, priority: int, wait_: bool,
         elif job["state"] in DONE:
             click.echo(f"job {job['id']} ({job['name']}) {job['state']}: {job['reason']}")
         else:
-            click.echo(f"job {job['id']} ({job['name']}) {job['state']}; "
-                       f"follow it with: fluxgymctl logs -f {job['name']}")
+            click.echo(f"job {job['id']} ({job['name']}) {job['state']}"
+                       + (f", {job['waiting']}" if job.get("waiting") else "")
+                       + f"; follow it with: fluxgymctl logs -f {job['name']}")
         if job["state"] in ("failed", "cancelled"):
             sys.exit(int(Exit.JOB_NOT_SUCCEEDED))
         return
@@ -286,6 +289,10 @@ def show(ctx: Ctx, job: str) -> None:
                                                "newest checkpoint and has reported no step yet"
                                                if j.get("step_from") == "checkpoint" else "")),
         ("priority", str(j.get("priority", 0))),
+        ("after", ", ".join(f"{a['name']} ({a['state']})" for a in j.get("after") or [])
+         or "-"),
+        ("waited for by", ", ".join(f"{d['name']} ({d['state']})"
+                                    for d in j.get("dependents") or []) or "-"),
         ("loss / lr", f"{render.number(j['loss'])} / {render.number(j['lr'])}"),
         ("attempts", f"{j['attempts']} (restarts {j['restarts']})"),
         ("runs on", render.executor(j)),
@@ -361,13 +368,17 @@ def cancel(ctx: Ctx, job: str, no_wait: bool) -> None:
 
 @cli.command(short_help="Queue a failed, cancelled or interrupted job again.")
 @click.argument("job")
+@click.option("--dependents", is_flag=True, help="Also queue again the jobs that failed "
+              "because this one did (those waiting for it, and theirs).")
 @command
-def retry(ctx: Ctx, job: str) -> None:
+def retry(ctx: Ctx, job: str, dependents: bool) -> None:
     """Queue a failed, cancelled or interrupted JOB again (it resumes where it can)."""
-    j = ctx.call("retry", job=job)
+    j = ctx.call("retry", job=job, dependents=dependents)
     if ctx.json:
         return render.emit_json(j)
     click.echo(f"job {j['id']} ({j['name']}) {j['state']}")
+    for name in j.get("dependents_requeued") or []:
+        click.echo(f"job {name} queued again, waiting for {j['name']}")
 
 
 @cli.command()

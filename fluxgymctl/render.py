@@ -164,6 +164,8 @@ def steps(job: dict[str, Any]) -> str:
 def status_reason(j: dict) -> str:
     """The status table's REASON: why it is not running as it should, if it is not; a job
     waiting in Slurm's queue says why Slurm keeps it waiting."""
+    if j["state"] == "queued" and j.get("waiting"):
+        return j["waiting"][:60]
     if j["state"] in ("running", "queued"):
         return ""
     if j["state"] == "starting" and j.get("executor") == "slurm" and j.get("external_state"):

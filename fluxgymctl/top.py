@@ -164,7 +164,8 @@ class View:
             mark = "▶" if cur is not None and j["id"] == cur["id"] else " "
             out.append((mark + line)[:width])
         if cur is not None:
-            out += ["", f"job {cur['id']} ({cur['name']}): {cur.get('reason') or ''}"[:width],
+            why = cur.get("waiting") or cur.get("reason") or ""
+            out += ["", f"job {cur['id']} ({cur['name']}): {why}"[:width],
                     ("  " + self.last_line.get(cur["id"], ""))[:width]]
         return out[:height]
 

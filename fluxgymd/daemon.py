@@ -40,7 +40,7 @@ from .states import ACTIVE, FINISHED, JobState
 from .store import Store, StoreError
 from .executors.local import kill_orphan_group, same_process
 from .executors.slurm import SlurmAttempt, SlurmExecutor
-from .views import job_view
+from .views import job_view, waiting_for
 from .watchdog import Stall
 
 log = logging.getLogger("fluxgymd")
@@ -410,7 +410,18 @@ class Daemon(Runs, Stalls, Operations):
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
                  extra={"job_id": job_id, "job_name": job["name"]})
         self._announce(job)
+        if new in (S.FAILED, S.CANCELLED):
+            self._fail_dependents(job)
         return job
+
+    def _fail_dependents(self, job: dict[str, Any]) -> None:
+        """A job that failed or was cancelled: every job waiting for it fails at once with
+        why, and never runs (theirs in turn, through _transition)."""
+        how = "failed" if job["state"] == S.FAILED.value else "was cancelled"
+        for d in self.store.dependents(job["id"]):
+            if d["state"] == S.QUEUED.value:
+                self._transition(d["id"], S.FAILED,
+                                 f"dependency {job['name']} {how}: {job['reason']}"[:2000])
 
     def _announce(self, job: dict[str, Any]) -> None:
         """A job changed state: tell subscribers, systemd, and the alerts and hooks (not for
@@ -429,8 +440,13 @@ class Daemon(Runs, Stalls, Operations):
 
     def _view(self, job: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         run = self.runs.get(job["id"])
-        return job_view(job, now, run.pace if run is not None else None,
+        view = job_view(job, now, run.pace if run is not None else None,
                         run.stepped if run is not None else False)
+        view["after"] = [{"id": a["id"], "name": a["name"], "state": a["state"],
+                          "progress": job_view(a, now)["progress"]}
+                         for a in self.store.after(job["id"])]
+        view["waiting"] = waiting_for(view)
+        return view
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
         if self.web is not None:

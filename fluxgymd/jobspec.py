@@ -20,7 +20,7 @@ from .watchdog import LIMIT_NAMES
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 SECTIONS = {
-    "job": {"name": str, "kind": str, "description": str, "executor": str},
+    "job": {"name": str, "kind": str, "description": str, "executor": str, "after": list},
     "command": {"argv": list, "env": dict, "cwd": str, "progress": str},
     "train": None,  # the trainer validates its own keys
     "kohya": None,  # the kohya kind validates its own keys
@@ -142,6 +142,12 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
     elif kind not in KINDS:
         errors.append(f"job.kind {kind!r} is unknown; use one of: {', '.join(KINDS)}")
 
+    after = job.get("after", [])
+    if not isinstance(after, list) or not all(isinstance(a, (str, int)) and
+                                              not isinstance(a, bool) for a in after):
+        errors.append("job.after must be a list of job names or ids, e.g. after = "
+                      "[\"flux-dev-download\"]")
+        after = []
     executor = job.get("executor")
     if executor is not None and executor not in EXECUTORS:
         errors.append(f"job.executor {executor!r:.40} is unknown; use one of: "
@@ -165,6 +171,8 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
         "description": job.get("description", ""),
         "watchdog": dict(watchdog),
     }
+    if after:
+        spec["after"] = [str(a) for a in after]  # checked against the store at submit
     if executor is not None:
         spec["executor"] = executor
     if slurm:

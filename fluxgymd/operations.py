@@ -101,11 +101,13 @@ class Operations:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
+        after = self._dependencies(spec, args["after"] or [])
         try:
             # claimed inside the store's transaction: no job without its folder, and no
             # folder taken over from another job or another fluxgymd's database
             job = self.store.add_job(spec, out, args["priority"], prepare=lambda job_id:
-                                     ownership.claim(out, self.store.id, job_id, spec))
+                                     ownership.claim(out, self.store.id, job_id, spec),
+                                     after=[a["id"] for a in after])
         except OSError as e:
             raise FluxgymError(ErrorCode.INVALID_JOB, f"cannot create the output folder {out}: "
                                f"{e.strerror or e}") from None
@@ -114,10 +116,31 @@ class Operations:
             log.warning("job %s (%s): %s", job["id"], job["name"], w,
                         extra={"job_id": job["id"], "job_name": job["name"]})
         self._announce(job)
+        for dep in after:  # one that already failed fails this one at once
+            if dep["state"] in (S.FAILED.value, S.CANCELLED.value):
+                self._fail_dependents(dep)
+                break
         self.schedule()
         view = self._view(self.store.get(job["id"]))
         view["warnings"] = spec["warnings"]
         return view
+
+    def _dependencies(self, spec: dict[str, Any], more: list[str]) -> list[dict[str, Any]]:
+        """The jobs a new job waits for ([job] after and submit --after), which must exist:
+        a job can only wait for older ones, so no cycle can form. The spec keeps their
+        names."""
+        found = []
+        for ref in dict.fromkeys([*spec.get("after", []), *more]):
+            try:
+                found.append(self.store.find(ref))
+            except FluxgymError:
+                raise FluxgymError(ErrorCode.INVALID_JOB, f"job.after: no job named or numbered "
+                                   f"{ref!r} to wait for; submit that one first "
+                                   "(`fluxgymctl status` lists them)") from None
+        found = list({j["id"]: j for j in found}.values())
+        if found:
+            spec["after"] = [j["name"] for j in found]
+        return found
 
     def op_list(self, args) -> dict[str, Any]:
         self._flush()
@@ -134,6 +157,8 @@ class Operations:
     def op_show(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
         view = self._view(job)
+        view["dependents"] = [{"id": d["id"], "name": d["name"], "state": d["state"]}
+                              for d in self.store.dependents(job["id"])]
         view["spec"] = job["spec"]
         view["events"] = self.store.events(job["id"], max(0, args["events"]))
         view["log_file"] = str(Path(job["output_dir"]) / "train.log")
@@ -229,10 +254,36 @@ class Operations:
                                f"job {job['id']} ({job['name']}) is {state.value}; only failed, "
                                "cancelled or interrupted jobs can be retried")
         self._check_allowed(job["spec"])
+        blocked = [d for d in self.store.after(job["id"])
+                   if d["state"] in (S.FAILED.value, S.CANCELLED.value)]
+        if blocked:
+            names = ", ".join(d["name"] for d in blocked)
+            raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} ({job['name']}) waits "
+                               f"for {names}, which did not succeed; retry that one with "
+                               f"--dependents (fluxgymctl retry {blocked[0]['name']} "
+                               "--dependents)")
         job = self._transition(job["id"], S.QUEUED, "retry requested by user",
                                cancel_requested=0, restarts=0, no_progress=0)
+        requeued = self._retry_dependents(job) if args["dependents"] else []
         self.schedule()
-        return self._view(self.store.get(job["id"]))
+        view = self._view(self.store.get(job["id"]))
+        view["dependents_requeued"] = [d["name"] for d in requeued]
+        return view
+
+    def _retry_dependents(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """Queue again every job that failed because `job` (or one of these) did."""
+        requeued, todo = [], [job]
+        while todo:
+            for d in self.store.dependents(todo.pop()["id"]):
+                if d["state"] == S.FAILED.value and not any(
+                        a["state"] in (S.FAILED.value, S.CANCELLED.value)
+                        for a in self.store.after(d["id"])):
+                    d = self._transition(d["id"], S.QUEUED, f"retry of {job['name']} "
+                                         "(--dependents)", cancel_requested=0, restarts=0,
+                                         no_progress=0)
+                    requeued.append(d)
+                    todo.append(d)
+        return requeued
 
     def op_logs(self, args) -> dict[str, Any]:
         job = self._find(args["job"])
@@ -296,8 +347,16 @@ class Operations:
 
     def op_remove(self, args) -> dict[str, Any]:
         jobs = [self._find(ref) for ref in dict.fromkeys(args["jobs"])]
+        going = {j["id"] for j in jobs}
         for job in jobs:  # all or nothing: check every one before removing any
             check_removal(job["state"])  # jobs being restored are still active: refused
+            waiting = [d["name"] for d in self.store.dependents(job["id"])
+                       if d["id"] not in going and d["state"] not in
+                       {st.value for st in FINISHED} and job["state"] != S.SUCCEEDED.value]
+            if waiting:
+                raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} ({job['name']}) "
+                                   f"is waited for by {', '.join(waiting)}; cancel or remove "
+                                   "them first (or remove them together)")
         removed = [self._remove(j, args["delete_outputs"]) for j in jobs]
         self.notifier.status(self._summary())
         return {"removed": removed}

@@ -96,11 +96,14 @@ OPS: dict[str, dict[str, Arg]] = {
         "name": Arg(str, default=""),  # overrides [job].name
         # higher runs first; equal priorities run in submission order
         "priority": Arg(int, default=0, minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
+        # jobs (ids or names) it waits for, besides the job file's [job] after
+        "after": Arg(list, default=None, items=str),
     },
     "list": {"all": Arg(bool, default=True), "states": _STATES},
     "show": {"job": _JOB, "events": Arg(int, default=50, minimum=0, maximum=100_000)},
     "cancel": {"job": _JOB},
-    "retry": {"job": _JOB},
+    # dependents: also queue again the jobs that failed because this one did
+    "retry": {"job": _JOB, "dependents": Arg(bool, default=False)},
     "logs": {
         "job": _JOB,
         "lines": Arg(int, default=100, minimum=0, maximum=100_000),

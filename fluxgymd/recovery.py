@@ -17,7 +17,7 @@ from .config import Config
 from .store import Store, StoreError
 
 # The tables a damaged database is recovered from, row by row, in this order.
-RECOVERED_TABLES = ("meta", "jobs", "events", "metrics")
+RECOVERED_TABLES = ("meta", "jobs", "events", "metrics", "deps")
 
 
 def _say(text: str) -> None:

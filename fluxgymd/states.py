@@ -31,7 +31,8 @@ ACTIVE = frozenset({S.STARTING, S.RUNNING, S.STALLED, S.RECOVERING})
 FINISHED = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    S.QUEUED: frozenset({S.STARTING, S.CANCELLED}),
+    # FAILED: a job it waits for failed or was cancelled, so it never runs
+    S.QUEUED: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
     # SUCCEEDED: a run whose final result already exists is not run again (kohya)
     S.STARTING: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.INTERRUPTED, S.SUCCEEDED}),
     S.RUNNING: frozenset(

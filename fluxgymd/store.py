@@ -95,6 +95,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN output_offset INTEGER;
     ALTER TABLE jobs ADD COLUMN events_offset INTEGER;
     """,
+    # 6: job dependencies: job_id starts only once every after_id has succeeded
+    """
+    CREATE TABLE deps (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        after_id INTEGER NOT NULL REFERENCES jobs(id),
+        PRIMARY KEY (job_id, after_id)
+    );
+    CREATE INDEX deps_after ON deps(after_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -195,9 +204,10 @@ class Store:
 
     # --- jobs -----------------------------------------------------------------------
     def add_job(self, spec: dict[str, Any], output_dir: Path, priority: int = 0,
-                prepare=None) -> dict[str, Any]:
-        """Queue a job. `prepare(job_id)` runs inside the transaction (the daemon claims the
-        output folder there): when it raises, the job was never added."""
+                prepare=None, after: list[int] = ()) -> dict[str, Any]:
+        """Queue a job, waiting for the jobs `after` (ids that exist: so no cycle can form).
+        `prepare(job_id)` runs inside the transaction (the daemon claims the output folder
+        there): when it raises, the job was never added."""
         now = self.clock()
         with self._tx():
             taken = self.db.execute(
@@ -217,6 +227,8 @@ class Store:
                  JobState.QUEUED.value, "submitted", now, now, now, priority),
             )
             job_id = cur.lastrowid
+            self.db.executemany("INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)",
+                                [(job_id, a) for a in after])
             self._event(job_id, None, JobState.QUEUED, "submitted", now)
             if prepare is not None:
                 prepare(job_id)
@@ -294,10 +306,25 @@ class Store:
         return [_job(r) for r in rows]
 
     def next_queued(self, limit: int) -> list[dict[str, Any]]:
+        """The queued jobs that may start, in queue order: every job they wait for has
+        succeeded (one still waiting never holds up those behind it)."""
         rows = self.db.execute(
-            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, queued_at, id"
-            " LIMIT ?", (limit,)
+            "SELECT * FROM jobs WHERE state = 'queued' AND NOT EXISTS (SELECT 1 FROM deps d"
+            " JOIN jobs a ON a.id = d.after_id WHERE d.job_id = jobs.id AND a.state !="
+            " 'succeeded') ORDER BY priority DESC, queued_at, id LIMIT ?", (limit,)
         )
+        return [_job(r) for r in rows]
+
+    def after(self, job_id: int) -> list[dict[str, Any]]:
+        """The jobs `job_id` waits for (or waited for), in id order."""
+        rows = self.db.execute("SELECT jobs.* FROM deps JOIN jobs ON jobs.id = deps.after_id"
+                               " WHERE deps.job_id = ? ORDER BY jobs.id", (job_id,))
+        return [_job(r) for r in rows]
+
+    def dependents(self, job_id: int) -> list[dict[str, Any]]:
+        """The jobs that wait for (or waited for) `job_id`, in id order."""
+        rows = self.db.execute("SELECT jobs.* FROM deps JOIN jobs ON jobs.id = deps.job_id"
+                               " WHERE deps.after_id = ? ORDER BY jobs.id", (job_id,))
         return [_job(r) for r in rows]
 
     def adopt(self, job_id: int, spec: dict[str, Any], output_dir: Path, reason: str) -> None:
@@ -352,6 +379,8 @@ class Store:
             check_removal(row["state"])
             for table in ("metrics", "events"):
                 self.db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            self.db.execute("DELETE FROM deps WHERE job_id = ? OR after_id = ?",
+                            (job_id, job_id))
             self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return _job(row)
 

@@ -46,3 +46,18 @@ def job_view(job: dict[str, Any], now: float | None = None, pace=None,
     view["eta_s"] = eta
     view["lora"] = kind_of(job).result(job)
     return view
+
+
+def waiting_for(view: dict[str, Any]) -> str | None:
+    """What a queued job waits for, from its view's `after`: "after dl (running, 41 %), b
+    (queued)"; None when it waits for nothing (or is not queued)."""
+    if view["state"] != S.QUEUED.value:
+        return None
+    left = [a for a in view.get("after") or [] if a["state"] != S.SUCCEEDED.value]
+    if not left:
+        return None
+    return "after " + ", ".join(
+        f"{a['name']} ({a['state']}" + (f", {a['progress'] * 100:.0f} %" if
+                                        a["progress"] is not None and a["state"] in
+                                        (S.RUNNING.value, S.STALLED.value) else "") + ")"
+        for a in left)

@@ -106,3 +106,27 @@ def test_schema_version_and_refusal_of_a_newer_database(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="newer than this fluxgymd"):
         Store(path)
+
+
+def test_a_queued_job_waits_until_every_dependency_succeeded(store, tmp_path):
+    a = store.add_job(spec("a"), tmp_path / "a")
+    b = store.add_job(spec("b"), tmp_path / "b")
+    c = store.add_job(spec("c"), tmp_path / "c", priority=5, after=[a["id"], b["id"]])
+    d = store.add_job(spec("d"), tmp_path / "d")
+    # c is first by priority but waits: a, b and d may start, in queue order
+    assert [j["name"] for j in store.next_queued(10)] == ["a", "b", "d"]
+    assert [j["name"] for j in store.after(c["id"])] == ["a", "b"]
+    assert [j["name"] for j in store.dependents(a["id"])] == ["c"]
+    for job in (a, b):
+        store.transition(job["id"], S.STARTING, "x")
+        store.transition(job["id"], S.RUNNING, "x")
+        store.transition(job["id"], S.SUCCEEDED, "x")
+        names = [j["name"] for j in store.next_queued(10)]
+        assert names == (["c", "d"] if job is b else ["b", "d"])
+    # removing a job takes its edges with it (both directions)
+    store.remove(a["id"])
+    assert [j["name"] for j in store.after(c["id"])] == ["b"]
+    store.remove(c["id"])
+    assert store.dependents(b["id"]) == [] and d["id"] == 4
+    with pytest.raises(sqlite3.IntegrityError):  # only jobs that exist can be waited for
+        store.add_job(spec("e"), tmp_path / "e", after=[99])

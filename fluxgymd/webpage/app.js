@@ -31,8 +31,9 @@ function renderJobs() {
   const rows = [...jobs.values()].sort((a, b) => b.id - a.id);
   $("#jobs tbody").innerHTML = rows.map((j) => {
     const pct = j.progress !== null && j.progress !== undefined ? Math.round(j.progress * 100) : null;
-    const prog = j.phase && ["loading", "caching", "sampling", "saving"].includes(j.phase) && j.state === "running"
-      ? j.phase : (pct === null ? "-" : `<div class="bar"><span style="width:${pct}%"></span></div> ${pct}%`);
+    const prog = j.state === "queued" && j.waiting ? esc(j.waiting)
+      : j.phase && ["loading", "caching", "sampling", "saving"].includes(j.phase) && j.state === "running"
+        ? j.phase : (pct === null ? "-" : `<div class="bar"><span style="width:${pct}%"></span></div> ${pct}%`);
     const act = ["queued", "starting", "running", "stalled", "recovering"].includes(j.state)
       ? `<button data-act="cancel" data-id="${j.id}">cancel</button>`
       : (["failed", "cancelled", "interrupted"].includes(j.state)
