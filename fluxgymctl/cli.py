@@ -30,6 +30,7 @@ def _range(op: str, arg: str) -> click.IntRange:
 # --help): `fluxgymctl status` must not pay for the importer's or top's imports.
 LAZY = {
     "import": "importer:import_", "top": "top:top", "notify": "alerts:notify",
+    "models": "models:models",
     **{name: f"queue:{name}" for name in ("remove", "clean", "pause", "resume", "move",
                                             "config")},
 }

@@ -145,7 +145,7 @@ def percent(fraction: float | None) -> str:
 
 def progress(job: dict[str, Any]) -> str:
     """The percentage, or while a job loads, caches, samples or saves, that phase."""
-    if job.get("phase") and job.get("phase") != "training" and \
+    if job.get("phase") and job.get("phase") not in ("training", "downloading") and \
             job["state"] in ("starting", "running"):
         return job["phase"]
     return percent(job.get("progress"))
@@ -158,7 +158,20 @@ def number(v: float | None, digits: int = 4) -> str:
 def steps(job: dict[str, Any]) -> str:
     if job.get("step") is None:
         return "-"
+    if job.get("kind") == "download":  # its steps are bytes
+        return f"{size(job['step'])}/{size(job['total_steps'])}" if job.get("total_steps") \
+            else size(job["step"])
     return f"{job['step']}/{job['total_steps']}" if job.get("total_steps") else str(job["step"])
+
+
+def size(n: float | None) -> str:
+    """Bytes as people read them: 7.9 GB, 340 MB, 12 kB."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def status_reason(j: dict) -> str:

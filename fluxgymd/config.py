@@ -73,6 +73,8 @@ KEYS = [
     Key("kohya", "save_every_n_steps", int, 100, minimum=1),
     # ["DIR", { path = "DIR", python = "PY" }, ...]; environment: DIRs joined by ":"
     Key("kohya", "checkouts", list, []),
+    Key("models", "dir", str, ""),
+    Key("hub", "token_file", str, ""),
     Key("notify", "url", str, ""),
     Key("notify", "url_file", str, ""),
     Key("notify", "format", str, "json"),
@@ -192,6 +194,9 @@ def read_file(path: Path) -> dict[tuple[str, str], Any]:
             raise ConfigError(f"{path}: {section} must be a table ([{section}])")
         for name, value in table.items():
             keys = _BY_SECTION[section]
+            if section == "models" and isinstance(value, dict):
+                out.setdefault(("models", "*"), {})[name] = value  # [models.NAME]: an entry
+                continue
             if name not in keys:
                 every = [f"{k.section}.{k.name}" for k in KEYS]
                 hint = _suggest(name, list(keys)) or _suggest(f"{section}.{name}", every)
@@ -226,6 +231,9 @@ class Config:
     gpu_poll_s: float
     kohya_save_every_n_steps: int = 100
     kohya_checkouts: tuple[tuple[str, str], ...] = ()  # (folder, its Python or "")
+    models_dir: Path = Path("models")
+    models: dict = field(default_factory=dict)  # the catalog: name -> catalog.Model
+    hub_token_file: str = ""
     executor: str = "local"
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -285,6 +293,11 @@ def load(
         gpu_poll_s=values["watchdog.gpu_poll_s"],
         kohya_save_every_n_steps=values["kohya.save_every_n_steps"],
         kohya_checkouts=tuple(values["kohya.checkouts"]),
+        models_dir=Path(values["models.dir"]).expanduser().resolve() if values["models.dir"]
+        else resolved["state_dir"] / "models",
+        models=_catalog(from_file.get(("models", "*"), {})),
+        hub_token_file=str(Path(values["hub.token_file"]).expanduser())
+        if values["hub.token_file"] else "",
         executor=values["daemon.executor"], slurm=_slurm(values),
         web=_web(values, resolved["state_dir"]),
         notify=_notify(values), hooks=HooksConfig(
@@ -300,6 +313,15 @@ def load(
             "choose a shorter --runtime-dir"
         )
     return cfg
+
+
+def _catalog(extra: dict[str, Any]) -> dict:
+    from .catalog import CatalogError, load as load_catalog
+
+    try:
+        return load_catalog(extra)
+    except CatalogError as e:
+        raise ConfigError(f"models: {e}") from None
 
 
 def _notify(values: dict[str, Any]) -> NotifyConfig:

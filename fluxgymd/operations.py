@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -16,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from . import __version__, jobspec, ownership
 from .joblog import count_lines, lines_after, read_tail
 from .kinds import Policy, kind_of
 from .protocol import PROTOCOL_VERSION, RUNTIME_SETTINGS, TOPIC_STATE, ErrorCode, FluxgymError
-from .states import FINISHED, JobState, check_removal
+from .states import ACTIVE, FINISHED, JobState, check_removal
 
 log = logging.getLogger("fluxgymd")
 S = JobState
@@ -35,7 +38,8 @@ class Operations:
             "remove": self.op_remove, "clean": self.op_clean, "pause": self.op_pause,
             "resume": self.op_resume, "move": self.op_move, "config": self.op_config,
             "notify_test": self.op_notify_test, "gpus": self.op_gpus,
-            "web_url": self.op_web_url,
+            "web_url": self.op_web_url, "models": self.op_models, "pull": self.op_pull,
+            "models_rm": self.op_models_rm,
         }
 
     def _find(self, ref: str) -> dict[str, Any]:
@@ -77,7 +81,8 @@ class Operations:
         return Policy(allow_command_jobs=cfg.allow_command_jobs,
                       kohya_checkouts=cfg.kohya_checkouts,
                       kohya_save_every_n_steps=cfg.kohya_save_every_n_steps,
-                      config_file=str(cfg.config_file or ""))
+                      config_file=str(cfg.config_file or ""), models=cfg.models,
+                      models_dir=str(cfg.models_dir))
 
     def _refused(self, spec: dict[str, Any]) -> str | None:
         """Why this fluxgymd may not run the job (now), or None."""
@@ -141,6 +146,66 @@ class Operations:
         if found:
             spec["after"] = [j["name"] for j in found]
         return found
+
+    # --- models ---------------------------------------------------------------------
+    def op_models(self, args) -> dict[str, Any]:
+        root = self.cfg.models_dir
+        out = []
+        for m in sorted(self.cfg.models.values(), key=lambda m: m.name):
+            out.append({"name": m.name, "repo": m.repo, "files": list(m.files),
+                        "part": m.part, "needs": list(m.needs), "size": m.size,
+                        "gated": m.gated, "license": m.license, "base": m.base,
+                        "description": m.description, "present": m.present(root),
+                        "on_disk": m.bytes_on_disk(root), "path": str(m.folder(root)),
+                        "from": m.origin or "fluxgymd.toml"})
+        return {"models_dir": str(root), "models": out}
+
+    async def op_pull(self, args) -> dict[str, Any]:
+        return self._view(await self._pull(args["models"]))
+
+    async def _pull(self, names: list[str]) -> dict[str, Any]:
+        """The download job that fetches these catalog models (and what they need): a
+        queued or running one that already fetches every one of their files, else a new
+        one."""
+        from .catalog import with_needs
+
+        unknown = [n for n in names if n not in self.cfg.models]
+        if unknown:
+            raise FluxgymError(ErrorCode.NOT_FOUND, f"{', '.join(unknown)}: not in the model "
+                               f"catalog (`fluxgymctl models list`; add one as [models.NAME] "
+                               "in fluxgymd.toml)")
+        wanted = {(m.repo, f, str(m.folder(self.cfg.models_dir)))
+                  for m in with_needs(self.cfg.models, names) for f in m.files}
+        for job in self.store.list_jobs([S.QUEUED.value, *(s.value for s in ACTIVE)]):
+            if job["kind"] == "download":
+                has = {(f["repo"], f["file"], f["dir"]) for f in job["spec"]["download"]["files"]}
+                if wanted <= has:
+                    return job
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"pull-{'-'.join(sorted(names))}"[:40].rstrip("-._") + f"-{stamp}"
+        text = tomli_w.dumps({"job": {"name": name, "kind": "download",
+                                      "description": f"fluxgymctl models pull {' '.join(names)}"},
+                              "download": {"models": list(names)}})
+        job = await self.op_submit({"text": text, "source": "", "name": "", "priority": 0,
+                                    "after": None})
+        return self.store.get(job["id"])
+
+    def op_models_rm(self, args) -> dict[str, Any]:
+        m = self.cfg.models.get(args["model"])
+        if m is None:
+            raise FluxgymError(ErrorCode.NOT_FOUND, f"{args['model']}: not in the model catalog")
+        folder = m.folder(self.cfg.models_dir)
+        users = [j["name"] for j in self.store.list_jobs([S.QUEUED.value, S.INTERRUPTED.value,
+                                                          *(s.value for s in ACTIVE)])
+                 if str(folder) in json.dumps(j["spec"])]
+        if users:
+            raise FluxgymError(ErrorCode.INVALID_STATE, f"{m.name} is used by {', '.join(users)}"
+                               " (queued or running); cancel them first")
+        existed = folder.exists()
+        freed = m.bytes_on_disk(self.cfg.models_dir)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("model %s removed from %s (%d bytes)", m.name, folder, freed)
+        return {"model": m.name, "path": str(folder), "removed": existed, "freed": freed}
 
     def op_list(self, args) -> dict[str, Any]:
         self._flush()

@@ -90,6 +90,12 @@ OPS: dict[str, dict[str, Arg]] = {
     "notify_test": {},
     "gpus": {},
     "web_url": {},
+    # the model catalog: each entry, whether it is on disk, where
+    "models": {},
+    # fetch catalog models: the download job that does (a queued or running one that already
+    # fetches them all, else a new one)
+    "pull": {"models": Arg(list, required=True, items=str)},
+    "models_rm": {"model": Arg(str, required=True)},
     "submit": {
         "text": Arg(str, required=True, multiline=True),  # the job file's TOML
         "source": Arg(str, default=""),  # its path, for messages and relative paths
@@ -333,5 +339,6 @@ ENV_ATTEMPT = "FLUXGYM_ATTEMPT"
 # A trainer on a Slurm node reports its own GPUs' utilization (NVML) every this many seconds.
 ENV_GPU_REPORT_S = "FLUXGYM_GPU_REPORT_S"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the child checkpointed and can be resumed
-PHASES = ("loading", "caching", "training", "sampling", "saving")
+# downloading: a download job's files coming in (judged like training: by its steps, bytes)
+PHASES = ("loading", "caching", "training", "sampling", "saving", "downloading")
 CHILD_EVENTS = ("phase", "step", "checkpoint", "sample", "done", "plan", "gpu")

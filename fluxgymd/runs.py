@@ -42,8 +42,10 @@ RECENT_LOGS = 32  # finished jobs whose numbered lines stay in memory for `logs 
 # Test hook: "stop-after-spawn" freezes this daemon (SIGSTOP) right after it started an
 # attempt and before it stored the pid: the window in which a crash once ran a job twice.
 FAULT_ENV = "FLUXGYMD_FAULT"
+# The Hub token is given only to children that download (hub_token).
 _PRIVATE_ENV = (FAULT_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                "LISTEN_PID", "LISTEN_FDNAMES", "INVOCATION_ID")
+                "LISTEN_PID", "LISTEN_FDNAMES", "INVOCATION_ID", "HF_TOKEN",
+                "HUGGING_FACE_HUB_TOKEN")
 
 
 @dataclass
@@ -73,6 +75,27 @@ class Run:
     offsets: tuple[int, int] | None = None  # a Slurm attempt's file offsets, as stored
     stepped: bool = False  # this attempt reported a step (until then the store's is where
     #                        it resumes from: its newest checkpoint's)
+
+
+def hub_token(token_file: str) -> str | None:
+    """The Hugging Face token: [hub] token_file (its first line; private to the service
+    user, mode 0600), else HF_TOKEN in the daemon's own environment, else None. ValueError
+    says what is wrong with the file, never what is in it."""
+    if token_file:
+        try:
+            st = os.stat(token_file)
+            if st.st_mode & 0o077:
+                raise ValueError(f"[hub] token_file {token_file} is readable by others (mode "
+                                 f"{st.st_mode & 0o777:o}); chmod 600 it")
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.readline().strip()
+        except OSError as e:
+            raise ValueError(f"[hub] token_file {token_file} cannot be read: "
+                             f"{e.strerror or e}") from None
+        if not token:
+            raise ValueError(f"[hub] token_file {token_file} is empty")
+        return token
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
 def _progress_of(job: dict[str, Any]) -> int | None:
@@ -139,6 +162,15 @@ class Runs:
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(extra_env)
+        if kind.hub_token:  # the Hub token goes to the children that download, and no other
+            try:
+                token = hub_token(self.cfg.hub_token_file)
+            except ValueError as e:
+                folder_lock.release()
+                self._transition(job_id, S.FAILED, str(e))
+                return
+            if token:
+                env["HF_TOKEN"] = token
         env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
         executor = self._executor_of(job)
@@ -186,10 +218,14 @@ class Runs:
 
     def _new_watch(self, job: dict[str, Any], run: Run) -> Watch:
         # a Slurm attempt's GPUs are the trainer's to report (the daemon cannot read them)
-        return Watch(run.limits, started=time.monotonic(), contract=kind_of(job).speaks_contract,
-                     gpu_available=self.gpu.available and run.executor == "local")
+        kind = kind_of(job)
+        return Watch(run.limits, started=time.monotonic(), contract=kind.speaks_contract,
+                     gpu_available=self.gpu.available and run.executor == "local"
+                     and kind.uses_gpu)
 
     def _executor_of(self, job: dict[str, Any]) -> str:
+        if kind_of(job).local_only:
+            return "local"
         return job["spec"].get("executor") or self.cfg.executor
 
     # --- Slurm ----------------------------------------------------------------------

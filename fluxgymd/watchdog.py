@@ -206,14 +206,19 @@ def backoff(limits: Limits, restarts_done: int) -> float:
     return min(limits.backoff_max_s, limits.backoff_s * (2 ** restarts_done))
 
 
+# The children of ours that speak the contract, by the word their lines start with.
+VOICES = ("trainer: ", "fetch: ")
+
+
 def trainer_message(tail: str) -> str:
-    """The trainer's own error: its last `trainer: ...` line and the indented lines under it
-    (a list of problems)."""
+    """The child's own error: its last `trainer: ...` (or `fetch: ...`) line and the indented
+    lines under it (a list of problems)."""
     lines = tail.splitlines()
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("trainer: "):
+        voice = next((v for v in VOICES if lines[i].startswith(v)), None)
+        if voice:
             more = [l.strip() for l in lines[i + 1:] if l.startswith("  ")]
-            return " ".join([lines[i][len("trainer: "):].strip(), *more])[:1000]
+            return " ".join([lines[i][len(voice):].strip(), *more])[:1000]
     return ""
 
 

@@ -115,3 +115,21 @@ def test_kohya_checkouts_from_the_file_and_the_environment(tmp_path):
                      ('[3]', "is not a folder")):
         with pytest.raises(ConfigError, match=why):
             load(write(tmp_path, f"[kohya]\ncheckouts = {bad}\n"), {}, env={})
+
+
+def test_models_entries_in_the_config_join_the_shipped_catalog(tmp_path):
+    f = write(tmp_path, '[models]\ndir = "/data/models"\n[models.mine]\nrepo = "me/mine"\n'
+                        'file = "mine.sft"\npart = "transformer"\nneeds = ["ae"]\n'
+                        '[models.ae]\nrepo = "me/vae"\nfile = "ae.sft"\n')
+    cfg = load(f, {}, env={})
+    assert str(cfg.models_dir) == "/data/models"
+    assert cfg.models["mine"].files == ("mine.sft",) and cfg.models["mine"].needs == ("ae",)
+    assert cfg.models["ae"].repo == "me/vae"  # replaces the shipped one
+    assert cfg.models["flux-dev"].repo == "cocktailpeanut/xulf-dev"
+    for bad, why in (('[models.x]\nrepo = "me/x"\n', "must name files"),
+                     ('[models.x]\nrepo = "nope"\nfile = "a"\n', "repo must be a Hub repo id"),
+                     ('[models.x]\nrepo = "me/x"\nfile = "a"\nneeds = ["ghost"]\n',
+                      "needs ghost"),
+                     ('[models.x]\nrepo = "me/x"\nfile = "../a"\n', "must name files")):
+        with pytest.raises(ConfigError, match=why):
+            load(write(tmp_path, bad), {}, env={})

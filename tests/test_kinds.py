@@ -40,6 +40,40 @@ def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
 
 def test_every_kind_the_job_files_accept_has_a_home():
     from fluxgymd import jobspec
-    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya"}
+    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya", "download"}
     with pytest.raises(KeyError):
         kind_of({"kind": "slurm-magic"})
+
+
+def test_a_download_job_resolves_catalog_names_and_what_they_need(tmp_path):
+    from fluxgymd import catalog
+    from fluxgymd.kinds import Policy
+
+    models = catalog.load()
+    policy = Policy(models=models, models_dir=str(tmp_path / "models"))
+    errors: list[str] = []
+    out = KINDS["download"].validate({"models": ["flux-schnell"]}, tmp_path, errors, policy)
+    assert errors == []
+    got = [(f["model"], f["file"]) for f in out["files"]]
+    assert got[0] == ("flux-schnell", "flux1-schnell.safetensors")
+    assert {m for m, _ in got} == {"flux-schnell", "ae", "clip_l", "t5xxl_fp16",
+                                   "flux-tokenizers"}
+    assert all(f["dir"] == str(tmp_path / "models" / f["model"]) for f in out["files"])
+    kind = KINDS["download"]
+    assert not kind.uses_gpu and kind.hub_token and kind.local_only
+    job = {"kind": "download", "name": "d", "output_dir": str(tmp_path / "d"),
+           "spec": {"kind": "download", "name": "d", "download": out}}
+    (tmp_path / "d").mkdir()
+    argv, env, _ = kind.command(job)
+    assert argv[1:3] == ["-m", "fluxgymd.fetch"] and env["HF_HUB_OFFLINE"] == "0"
+    assert not kind.finished(job)
+    for f in out["files"]:
+        (tmp_path / "models" / f["model"] / f["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / f["model"] / f["file"]).write_bytes(b"x")
+    assert kind.finished(job)  # every file there: never fetched again
+    for section, why in (({"models": ["nope"]}, "nope not in the catalog"),
+                         ({"repo": "a/b"}, "file (or files) must name files"),
+                         ({}, "names models"), ({"modles": []}, "unknown key download.modles")):
+        errors = []
+        KINDS["download"].validate(section, tmp_path, errors, policy)
+        assert any(why in e for e in errors), (section, errors)

@@ -2,9 +2,10 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "diffusers", "peft", "transformers", "accelerate", "safetensors")
+HEAVY = ("torch", "diffusers", "peft", "transformers", "accelerate", "safetensors",
+         "huggingface_hub")  # the Hub: a download job's child only
 MODULES = ["fluxgymd.daemon", "fluxgymd.__main__", "fluxgymd.client", "fluxgymctl.cli",
-           "fluxgymd.testing"]
+           "fluxgymd.testing", "fluxgymctl.models"]
 
 
 def test_no_heavy_imports():
@@ -25,7 +26,7 @@ def test_cli_does_not_import_rich_when_not_on_a_terminal():
 def test_the_cli_imports_only_what_its_command_needs():
     code = ("import sys, fluxgymctl.cli\n"
             "print(sorted(m for m in ('fluxgymctl.top', 'fluxgymctl.importer', "
-            "'fluxgymd.fluxgym', 'fluxgymctl.queue', 'fluxgymctl.alerts') if m in sys.modules))")
+            "'fluxgymd.fluxgym', 'fluxgymctl.queue', 'fluxgymctl.alerts', 'fluxgymctl.models') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

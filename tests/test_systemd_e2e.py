@@ -168,6 +168,8 @@ def test_make_install_lays_out_units_config_and_a_relocated_venv(stage):
     site = next((venv / "lib").glob("python3*/site-packages"))
     assert (site / "fluxgymd" / "daemon.py").is_file()
     assert not (site / "fluxgymd" / "testing.py").exists()
+    assert (site / "fluxgymd" / "models.toml").read_text() == \
+        (REPO / "etc" / "models.toml").read_text()  # the model catalog ships
     # nothing in the venv's scripts, config or bytecode still points into the stage
     stage_path = str(stage).encode()
     for f in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg",

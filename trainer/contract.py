@@ -105,7 +105,9 @@ def keep_going_without_a_reader() -> None:
 
 
 class Reporter:
-    def __init__(self) -> None:
+    def __init__(self, voice: str = "trainer") -> None:
+        self.voice = voice  # what its lines start with ("trainer: ..."): the daemon quotes
+        #                     the last one when the child exits 2
         self.endpoint = os.environ.get("FLUXGYM_PROGRESS_ENDPOINT", "")
         self.job = os.environ.get("FLUXGYM_JOB_ID", "")
         self.attempt = int(os.environ.get("FLUXGYM_ATTEMPT", "1") or 1)
@@ -179,7 +181,7 @@ class Reporter:
             self._bar[0].console.print(text)
         else:
             # stdout: these are news, not warnings (journald files stderr lines as warnings)
-            print(f"trainer: {text}", flush=True)
+            print(f"{self.voice}: {text}", flush=True)
 
     def start_bar(self, start: int, total: int) -> None:
         self.total = total

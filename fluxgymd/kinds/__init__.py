@@ -17,10 +17,12 @@ from typing import Any
 
 from .base import JobKind, OutputParser, Policy  # noqa: F401  (for the kinds' users)
 from .command import CommandKind
+from .download import DownloadKind
 from .kohya import KohyaKind
 from .lora import LoraKind
 
-KINDS: dict[str, JobKind] = {k.name: k for k in (CommandKind(), LoraKind(), KohyaKind())}
+KINDS: dict[str, JobKind] = {k.name: k for k in (CommandKind(), LoraKind(), KohyaKind(),
+                                                 DownloadKind())}
 
 
 def kind_of(job: dict[str, Any]) -> JobKind:

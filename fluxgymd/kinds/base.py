@@ -23,6 +23,8 @@ class Policy:
     kohya_checkouts: tuple[tuple[str, str], ...] = ()
     kohya_save_every_n_steps: int = 100
     config_file: str = ""  # where an administrator changes this, for the advice
+    models: Any = None  # the model catalog: {name: catalog.Model}
+    models_dir: str = ""  # where pulled models go (<dir>/<name>/<file>)
 
     @property
     def where(self) -> str:
@@ -40,6 +42,10 @@ class JobKind:
     section = ""  # the job file's table for this kind
     speaks_contract = False  # judged by progress events from its start, not only by output
     runs_any_program = False  # refused unless command jobs are allowed
+    uses_gpu = True  # judged by the idle-GPU rule (where there are GPUs)
+    hub_token = False  # its child gets the Hub token ([hub] token_file, HF_TOKEN); no other does
+    local_only = False  # always on this machine, whatever the executor (a download: the
+    #                     token never goes into a cluster's job environment)
 
     def validate(self, section: Any, base: Path, errors: list[str],
                  policy: Policy) -> dict[str, Any]:

@@ -23,6 +23,14 @@ function fmtDuration(s) {
   return `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
 }
 
+function fmtBytes(n) {
+  if (n === null || n === undefined) return "-";
+  for (const [unit, scale] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) {
+    if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
+  }
+  return `${n} B`;
+}
+
 function esc(t) {
   return String(t ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
 }
@@ -41,7 +49,8 @@ function renderJobs() {
     return `<tr data-id="${j.id}" class="${selected === j.id ? "sel" : ""}">
       <td>${j.id}</td><td>${esc(j.name)}</td><td>${esc(j.kind)}</td>
       <td class="state state-${j.state}">${j.state}</td><td>${prog}</td>
-      <td>${j.step ?? "-"}/${j.total_steps ?? "-"}</td>
+      <td>${j.kind === "download" ? `${fmtBytes(j.step)}/${fmtBytes(j.total_steps)}`
+        : `${j.step ?? "-"}/${j.total_steps ?? "-"}`}</td>
       <td>${j.loss === null || j.loss === undefined ? "-" : Number(j.loss).toPrecision(4)}</td>
       <td>${fmtDuration(j.eta_s)}</td><td>${j.attempts ?? 0}</td><td>${act}</td></tr>`;
   }).join("");
