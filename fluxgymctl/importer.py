@@ -10,9 +10,13 @@ import tomli_w
 from . import render
 from .context import Ctx, command, fail
 from .exitcodes import Exit
-from fluxgymd.fluxgym import FluxGymImportError, locate, read_script
+from fluxgymd.fluxgym import FluxGymImportError, locate, read_script, without
 from fluxgymd.fluxgym import as_kohya as to_kohya
 from fluxgymd.fluxgym import as_lora as to_lora
+
+# FluxGym's model flags and the [train] keys they fill; --base-model replaces them all
+MODEL_KEYS = {"pretrained_model_name_or_path": "pretrained_model", "clip_l": "clip_l",
+              "t5xxl": "t5xxl", "ae": "ae"}
 
 
 def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -38,13 +42,16 @@ def _maps(ctx: Ctx, items: tuple[str, ...]) -> list[tuple[str, str]]:
               "does not): written as train.tokenizers.")
 @click.option("--sd-scripts", "sd_scripts", type=click.Path(file_okay=False), help="Your "
               "sd-scripts checkout, for a kohya job (default: FluxGym's, beside its outputs/).")
+@click.option("--base-model", metavar="NAME", help="Name the model by catalog name (fluxgymctl "
+              "models list) instead of FluxGym's model files: fluxgymd fetches what is not on "
+              "disk first, and the job waits for it.")
 @click.option("--submit", "submit_", is_flag=True, help="Also submit the job.")
 @click.option("--map", "maps", multiple=True, metavar="OLD=NEW", help="Replace the path "
               "prefix OLD (FluxGym's machine) with NEW (this one); repeatable.")
 @command
 def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | None,
-            tokenizers: str | None, sd_scripts: str | None, submit_: bool,
-            maps: tuple[str, ...]) -> None:
+            tokenizers: str | None, sd_scripts: str | None, base_model: str | None,
+            submit_: bool, maps: tuple[str, ...]) -> None:
     """Read PATH (a FluxGym output folder, or its train.sh / train.bat), with the
     dataset.toml and sample_prompts.txt it names, and write a job file: a kind = "kohya"
     job that runs the same sd-scripts with the same arguments under fluxgymd, or with
@@ -62,6 +69,16 @@ def import_(ctx: Ctx, path: str, name: str | None, as_lora: bool, output: str | 
     except FluxGymImportError as e:
         fail(ctx, Exit.USAGE, str(e), "usage")
     source = os.path.abspath(script.path)
+    if base_model:  # the catalog's files instead of FluxGym's: none of theirs is needed here
+        if as_lora:
+            for key in MODEL_KEYS.values():
+                imp.train.pop(key, None)
+            imp.train["base_model"] = base_model
+            imp.missing = [m for m in imp.missing if m.split(":")[0][2:] not in MODEL_KEYS]
+        else:
+            ky.kohya["args"] = without(ky.kohya["args"], {f"--{f}": 1 for f in MODEL_KEYS})
+            ky.kohya["base_model"] = base_model
+            ky.missing = [m for m in ky.missing if m.split(":")[0][2:] not in MODEL_KEYS]
     if as_lora:
         if tokenizers:
             imp.train["tokenizers"] = os.path.abspath(tokenizers)

@@ -96,6 +96,7 @@ class Daemon(Runs, Stalls, Operations):
         # jobs a previous daemon left active, until restore has stopped what is left of them
         self.restoring: set[int] = set()
         self.restored = asyncio.Event()
+        self._pulling = asyncio.Lock()  # one pull decision at a time (operations._pull)
 
     # --- start-up -------------------------------------------------------------------
     def _lock(self, directory: Path) -> None:

@@ -146,14 +146,47 @@ def _size(path: str) -> int:
         return 0
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, limit: int | None = None):
+    """A sha256 of the file's first `limit` bytes (all of them by default), to go on with."""
     import hashlib
 
     h = hashlib.sha256()
+    left = limit
+    if left == 0:
+        return h
     with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
+        while left is None or left > 0:
+            chunk = fh.read(8 << 20 if left is None else min(8 << 20, left))
+            if not chunk:
+                break
             h.update(chunk)
-    return h.hexdigest()
+            if left is not None:
+                left -= len(chunk)
+    return h
+
+
+class HashingWriter:
+    """The partial file as http_get writes it, hashed on the way (the sha256 costs no second
+    read of a 24 GB file). A seek (a server that ignored our Range) spoils the running hash:
+    the file is hashed again at the end."""
+
+    def __init__(self, fh, sha):
+        self.fh, self.sha, self.valid = fh, sha, True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def seek(self, *args):
+        self.valid = False
+        return self.fh.seek(*args)
+
+    def truncate(self, *args):
+        self.valid = False
+        return self.fh.truncate(*args)
+
+    def __getattr__(self, name):  # tell, flush, fileno, ...
+        return getattr(self.fh, name)
 
 
 def _from_hf_cache(item: dict, part: str) -> bool:
@@ -218,17 +251,22 @@ def fetch(items: list[dict], rep, token: str | None) -> None:
                     have = 0
             rep.say(f"{item['repo']}/{item['file']} ({human(size)}) -> {dest}"
                     + (f", resuming at {human(have)}" if 0 < have < size else ""))
+            sha = _sha256(part, have)  # what an earlier attempt wrote, to go on from
+            writer = None
             if have < size:
                 try:
                     with open(part, "ab") as fh:
-                        http_get(meta.location, fh, resume_size=have,
+                        writer = HashingWriter(fh, sha)
+                        http_get(meta.location, writer, resume_size=have,
                                  headers=build_hf_headers(token=token), expected_size=size,
                                  tqdm_class=progress.bar_class())
                 except Exception as e:  # noqa: BLE001
                     raise _hub_error(e, item, bool(token)) from None
+            if writer is None or not writer.valid:
+                sha = _sha256(part)
             etag = (meta.etag or "").strip('"')
             if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) and \
-                    _sha256(part) != etag:
+                    sha.hexdigest() != etag:
                 os.unlink(part)  # torn or wrong: fetched again from the start next time
                 raise RuntimeError(f"{item['file']}: sha256 does not match the Hub's ({etag});"
                                    " fetching it again")

@@ -117,6 +117,31 @@ def read_script(path: str) -> Script:
     return Script(path, launcher, tokens[script_at], args, order)
 
 
+def flag(args: list[str], name: str) -> str | None:
+    """The last value given to --name (argparse keeps the last)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def without(args: list[str], names: dict[str, int]) -> list[str]:
+    """args less the flags in `names` (name -> how many values follow it)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        head = a.split("=", 1)[0]
+        if head in names:
+            i += 1 + (names[head] if "=" not in a else 0)
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def locate(path: str) -> str:
     """A FluxGym output folder or its script → the script's path."""
     if os.path.isdir(path):

@@ -106,7 +106,16 @@ class Operations:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
-        after = self._dependencies(spec, args["after"] or [])
+        more = list(args["after"] or [])
+        needed = kind_of(spec).models_needed(spec, self._policy())
+        if needed:
+            # its model is fetched first, by one download job it waits for (shared with any
+            # other job that needs the same files)
+            download = await self._pull(needed)
+            more.append(str(download["id"]))
+            spec["warnings"].append(f"{', '.join(needed)} not on disk yet: fetched first by "
+                                    f"job {download['id']} ({download['name']})")
+        after = self._dependencies(spec, more)
         try:
             # claimed inside the store's transaction: no job without its folder, and no
             # folder taken over from another job or another fluxgymd's database
@@ -166,7 +175,11 @@ class Operations:
     async def _pull(self, names: list[str]) -> dict[str, Any]:
         """The download job that fetches these catalog models (and what they need): a
         queued or running one that already fetches every one of their files, else a new
-        one."""
+        one. One at a time: two jobs that need the same model share one download."""
+        async with self._pulling:
+            return await self._pull_locked(names)
+
+    async def _pull_locked(self, names: list[str]) -> dict[str, Any]:
         from .catalog import with_needs
 
         unknown = [n for n in names if n not in self.cfg.models]

@@ -165,3 +165,21 @@ def test_a_moved_folder_uses_the_files_beside_its_script(tmp_path, as_lora):
     (moved / "dataset.toml").unlink()
     r = run_import(str(moved), *(["--as-lora"] if as_lora else []))
     assert f"not found here: --dataset_config: {FLUXGYM}/outputs/mylora/dataset.toml" in r.stderr
+
+
+@pytest.mark.parametrize("as_lora", [True, False])
+def test_import_with_a_base_model_names_the_catalog_model_instead_of_the_files(tmp_path,
+                                                                              as_lora):
+    r = run_import(str(EXAMPLES / "train_16.sh"), "--base-model", "flux-dev",
+                   *(["--as-lora"] if as_lora else []))
+    assert r.returncode == 0, r.stderr
+    doc = tomllib.loads(r.stdout)
+    for flag in ("--pretrained_model_name_or_path", "--clip_l", "--t5xxl", "--ae"):
+        assert f"not found here: {flag}" not in r.stderr  # FluxGym's files are not needed
+    if as_lora:
+        assert doc["train"]["base_model"] == "flux-dev"
+        assert not {"pretrained_model", "clip_l", "t5xxl", "ae"} & set(doc["train"])
+    else:
+        assert doc["kohya"]["base_model"] == "flux-dev"
+        assert not {"--pretrained_model_name_or_path", "--clip_l", "--t5xxl", "--ae"} & \
+            set(doc["kohya"]["args"])

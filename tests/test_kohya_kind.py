@@ -278,3 +278,30 @@ def test_the_daemon_refuses_a_kohya_job_until_its_checkout_is_allowed(daemon_fac
     r = d.ctl("submit", str(job))
     # allowed now: what refuses it is sd-scripts' own check (this checkout's script is empty)
     assert "refused until" not in r.stderr and "has no setup_parser()" in r.stderr, r.stderr
+
+
+def test_a_base_model_by_catalog_name_fills_the_model_flags(tmp_path, checkout):
+    from fluxgymd import catalog
+
+    policy = Policy(models=catalog.load(), models_dir=str(tmp_path / "models"),
+                    kohya_save_every_n_steps=50)
+    errors: list[str] = []
+    own_t5 = str(tmp_path / "t5xxl_fp8.safetensors")
+    out = KIND.validate({"sd_scripts": str(checkout), "base_model": "flux-dev",
+                         "args": ["--t5xxl", own_t5]}, tmp_path, errors, policy)
+    assert errors == []
+    m = tmp_path / "models"
+    assert flag(out["args"], "--pretrained_model_name_or_path") == str(m / "flux-dev" /
+                                                                       "flux1-dev.sft")
+    assert flag(out["args"], "--ae") == str(m / "ae" / "ae.sft")
+    assert flag(out["args"], "--clip_l") == str(m / "clip_l" / "clip_l.safetensors")
+    assert flag(out["args"], "--t5xxl") == own_t5  # the job's own file wins
+    spec = {"kohya": out}
+    assert KIND.models_needed(spec, policy) == ["flux-dev", "ae", "clip_l"]
+    (m / "ae").mkdir(parents=True)
+    (m / "ae" / "ae.sft").write_bytes(b"x")
+    assert KIND.models_needed(spec, policy) == ["flux-dev", "clip_l"]
+    errors = []
+    KIND.validate({"sd_scripts": str(checkout), "base_model": "ae", "args": []}, tmp_path,
+                  errors, policy)
+    assert "kohya.base_model 'ae' is not a base model of the catalog" in errors[0]

@@ -53,6 +53,8 @@ class TrainConfigError(Exception):
 @dataclass
 class TrainConfig:
     # what to train on
+    base_model: str = ""  # a model catalog name: fluxgymd fills in the five files below
+    #                       (fetching them first when they are missing); here only a name
     pretrained_model: str = ""  # a diffusers folder, a hub id in the local cache, or a file
     clip_l: str = ""  # with a single transformer file: CLIP-L, T5-XXL and the AE files
     t5xxl: str = ""
@@ -162,8 +164,9 @@ def model_problems(cfg: TrainConfig) -> list[str]:
     return src.problems
 
 
-def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
-    """Validate a [train] table; raise TrainConfigError listing every problem."""
+def parse(section: dict[str, Any], base_dir: str = "", pending: Any = ()) -> TrainConfig:
+    """Validate a [train] table; raise TrainConfigError listing every problem. `pending`:
+    paths that do not exist yet because a download job will fetch them first."""
     problems: list[str] = []
     known = [f.name for f in fields(TrainConfig) if f.name != "levers_set"]
     values: dict[str, Any] = {}
@@ -205,7 +208,10 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
         path = getattr(cfg, key)
         if not path:
             if key in ("pretrained_model", "dataset_dir"):
-                problems.append(f"train.{key} is required")
+                problems.append(f"train.{key} is required" + (
+                    " (base_model is a catalog name that fluxgymd resolves to files: submit "
+                    "the job to fluxgymd, or name the files)" if cfg.base_model and
+                    key == "pretrained_model" else ""))
             continue
         path = os.path.expanduser(path)
         hub_id = key == "pretrained_model" and sources.HUB_ID.match(path) \
@@ -213,7 +219,7 @@ def parse(section: dict[str, Any], base_dir: str = "") -> TrainConfig:
         if base_dir and not os.path.isabs(path) and not hub_id:
             path = os.path.normpath(os.path.join(base_dir, path))
         setattr(cfg, key, path)
-        if not hub_id and not os.path.exists(path):
+        if not hub_id and not os.path.exists(path) and path not in pending:
             problems.append(f"train.{key}: {path} does not exist")
     if os.path.isdir(cfg.pretrained_model) and not os.path.exists(
             os.path.join(cfg.pretrained_model, "model_index.json")):

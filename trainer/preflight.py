@@ -191,9 +191,13 @@ def check_disk(cfg: TrainConfig, outputs_dir: str) -> list[str]:
     return []
 
 
-def preflight(cfg: TrainConfig, outputs_dir: str) -> tuple[list[str], list[str]]:
+def preflight(cfg: TrainConfig, outputs_dir: str,
+              model: bool = True) -> tuple[list[str], list[str]]:
+    """What can be checked before the job runs. `model`: the model files are here to check
+    (not while a download job still has to fetch them: the trainer checks them at start)."""
     problems, warnings = check_dataset(cfg)
-    problems += check_model(cfg)
+    if model:
+        problems += check_model(cfg)
     if not problems:
         problems += check_disk(cfg, outputs_dir)
     return problems, warnings

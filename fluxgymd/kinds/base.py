@@ -58,6 +58,11 @@ class JobKind:
             return [policy.command_jobs_off()]
         return []
 
+    def models_needed(self, spec: dict[str, Any], policy: Policy) -> list[str]:
+        """Catalog models the job names that are not on disk: a download job fetches them
+        and the job waits for it."""
+        return []
+
     def check(self, spec: dict[str, Any], outputs_dir: str) -> tuple[list[str], list[str]]:
         """(problems, warnings) found on this machine; problems refuse the job."""
         return [], []

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import kohya_state
-from ..fluxgym import FluxGymImportError, read_script
+from ..fluxgym import FluxGymImportError, flag, read_script, without
 from ..progress import parse_tqdm
 from .base import JobKind
 
 LAUNCHER = str(Path(__file__).with_name("kohya_launcher.py"))
 KEYS = {"sd_scripts": str, "python": str, "script": str, "args": list, "train_script": str,
+        "base_model": str,
         "env": dict, "save_every_n_steps": int, "mixed_precision": str,
         "num_cpu_threads_per_process": int}
 TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", int: "an integer"}
@@ -47,31 +48,6 @@ PHASES = [  # sd-scripts' log lines (with --console_log_simple, one line each)
                            r"import network module|resume training from", re.I)),
     ("training", re.compile(r"^epoch \d+/\d+")),
 ]
-
-
-def flag(args: list[str], name: str) -> str | None:
-    """The last value given to --name (argparse keeps the last)."""
-    value = None
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-        elif a.startswith(name + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
-def without(args: list[str], names: dict[str, int]) -> list[str]:
-    """args less the flags in `names` (name -> how many values follow it)."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        head = a.split("=", 1)[0]
-        if head in names:
-            i += 1 + (names[head] if "=" not in a else 0)
-            continue
-        out.append(a)
-        i += 1
-    return out
 
 
 def output_name(job: dict[str, Any]) -> str:
@@ -201,6 +177,34 @@ def _checkout_refusals(k: dict[str, Any], policy) -> list[str]:
     return out
 
 
+# sd-scripts' flag for each part a catalog base model brings (it fetches its tokenizers itself)
+MODEL_FLAGS = {"transformer": "--pretrained_model_name_or_path", "ae": "--ae",
+               "clip_l": "--clip_l", "t5xxl": "--t5xxl"}
+
+
+def _base_models(name: str, policy) -> list:
+    from ..catalog import with_needs
+
+    return [m for m in with_needs(policy.models or {}, [name]) if m.part in MODEL_FLAGS]
+
+
+def model_flags(name: str, args: list[str], policy, errors: list[str]) -> list[str]:
+    """sd-scripts' model flags for a catalog base model, the files in the models dir (each
+    one the job's arguments do not give themselves)."""
+    catalog = policy.models or {}
+    if name not in catalog or catalog[name].part != "transformer":
+        transformers = sorted(n for n, m in catalog.items() if m.part == "transformer")
+        errors.append(f"kohya.base_model {name!r:.60} is not a base model of the catalog; use "
+                      f"one of {', '.join(transformers)} (fluxgymctl models list)")
+        return []
+    root = Path(policy.models_dir)
+    out = []
+    for m in _base_models(name, policy):
+        if flag(args, MODEL_FLAGS[m.part]) is None:
+            out += [MODEL_FLAGS[m.part], str(m.paths(root)[0])]
+    return out
+
+
 class KohyaKind(JobKind):
     name = section = "kohya"
     speaks_contract = True  # judged by the steps and phases read from its output
@@ -258,6 +262,11 @@ class KohyaKind(JobKind):
             errors.append("kohya.args must hold only strings")
             return {}
         out["args"] = list(args)
+        if section.get("base_model"):
+            out["base_model"] = section["base_model"]
+            added = model_flags(section["base_model"], out["args"], policy, errors)
+            out["args"] += added
+            out["base_model_files"] = added[1::2]  # may not exist yet: fetched first
         out["script"] = script = script or DEFAULT_SCRIPT
         if "/" in script or not (sd_path / script).is_file():
             errors.append(f"kohya.script: {sd_path / script} does not exist (give a script "
@@ -282,8 +291,25 @@ class KohyaKind(JobKind):
             return []
         return _checkout_refusals(spec["kohya"], policy)
 
+    def models_needed(self, spec, policy):
+        k = spec["kohya"]
+        if not k.get("base_model") or not policy.models:
+            return []
+        root = Path(policy.models_dir)
+        return [m.name for m in _base_models(k["base_model"], policy)
+                if flag(k["args"], MODEL_FLAGS[m.part]) == str(m.paths(root)[0])
+                and not m.present(root)]
+
     def check(self, spec, outputs_dir):
-        """sd-scripts' own parser, run in its own Python, judges the arguments."""
+        """sd-scripts' own parser, run in its own Python, judges the arguments (a model file
+        that a download job will fetch first is not there yet: that is no problem)."""
+        problems, warnings = self._check(spec, outputs_dir)
+        coming = spec["kohya"].get("base_model_files") or []
+        problems = [p for p in problems
+                    if not any(p.endswith(f" {path}: no such file or folder") for path in coming)]
+        return problems, warnings
+
+    def _check(self, spec, outputs_dir):
         k = spec["kohya"]
         warnings = [f"{name} in the arguments is replaced: fluxgymd decides it for each attempt"
                     for name in MANAGED if flag(k["args"], name) is not None
