@@ -194,14 +194,25 @@ class Operations:
                 has = {(f["repo"], f["file"], f["dir"]) for f in job["spec"]["download"]["files"]}
                 if wanted <= has:
                     return job
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"pull-{'-'.join(sorted(names))}"[:40].rstrip("-._") + f"-{stamp}"
+        stem = f"pull-{'-'.join(sorted(names))}"[:40].rstrip("-._") + \
+            time.strftime("-%Y%m%d-%H%M%S")
+        name, n = stem, 1
+        while self._taken(name):  # pulled twice in one second
+            n += 1
+            name = f"{stem}-{n}"
         text = tomli_w.dumps({"job": {"name": name, "kind": "download",
                                       "description": f"fluxgymctl models pull {' '.join(names)}"},
                               "download": {"models": list(names)}})
         job = await self.op_submit({"text": text, "source": "", "name": "", "priority": 0,
                                     "after": None})
         return self.store.get(job["id"])
+
+    def _taken(self, name: str) -> bool:
+        try:
+            self.store.find(name)
+            return True
+        except FluxgymError:
+            return False
 
     def op_models_rm(self, args) -> dict[str, Any]:
         m = self.cfg.models.get(args["model"])

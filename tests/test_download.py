@@ -61,7 +61,12 @@ def test_a_pull_fetches_the_model_and_what_it_needs_to_the_byte(daemon_factory, 
     served = dict(hub.served)
     assert d.ctl("models", "pull", "tiny", timeout=60).returncode == 0
     assert hub.served == served
-    # rm: gone, and the catalog says so
+    # rm: refused while a job that would use it waits; then gone
+    d.call("pause")
+    waiting = d.call("pull", models=["tiny"])  # a new job: the files are there, it queues
+    r = d.ctl("models", "rm", "tiny")
+    assert r.returncode == 4 and f"tiny is used by {waiting['name']}" in r.stderr, r.stderr
+    d.ctl("cancel", waiting["name"], check=True)
     assert d.ctl("models", "rm", "tiny", check=True).stdout.startswith("removed tiny")
     assert not (root / "tiny").exists()
 
