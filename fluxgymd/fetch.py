@@ -63,6 +63,7 @@ class Progress:
         self.lock = threading.Lock()
         self.sent = -1
         self.started = time.monotonic()
+        self.at_start: int | None = None  # bytes already there when this attempt began
         self.stop = threading.Event()
 
     def bar_class(self):
@@ -84,6 +85,13 @@ class Progress:
                 return super().update(n)
         return Bar
 
+    def resumed(self, have: int) -> None:
+        """A file starts with `have` bytes an earlier attempt fetched: not this one's pace."""
+        with self.lock:
+            self.current = have
+            if self.at_start is not None:
+                self.at_start += have
+
     def file_done(self, size: int) -> None:
         with self.lock:
             self.done += size
@@ -92,11 +100,17 @@ class Progress:
     def report(self) -> None:
         with self.lock:
             now = self.done + self.current
+        if self.at_start is None:
+            self.at_start = now
         if now != self.sent:
+            # seconds per byte since this attempt began fetching (the daemon's ETA before
+            # it has a window of its own); none until a byte came
+            fields = {}
+            if now > self.at_start:
+                fields["seconds_per_step"] = (time.monotonic() - self.started) / \
+                    (now - self.at_start)
             self.sent = now
-            elapsed = max(time.monotonic() - self.started, 1e-6)
-            self.rep.send("step", step=now, total=self.total,
-                          seconds_per_step=elapsed / max(now, 1))
+            self.rep.send("step", step=now, total=self.total, **fields)
 
     def run(self) -> None:
         while not self.stop.wait(REPORT_EVERY_S):
@@ -235,6 +249,7 @@ def fetch(items: list[dict], rep, token: str | None) -> None:
             progress.file_done(meta.size or 0)
     rep.say(f"{len(todo)} of {len(items)} file(s) to fetch, {human(need)} ({human(total)} in "
             "all)")
+    progress.report()  # where this attempt starts: the bytes of the files already whole
     reporter = threading.Thread(target=progress.run, name="progress", daemon=True)
     reporter.start()
     try:
@@ -251,6 +266,7 @@ def fetch(items: list[dict], rep, token: str | None) -> None:
                     have = 0
             rep.say(f"{item['repo']}/{item['file']} ({human(size)}) -> {dest}"
                     + (f", resuming at {human(have)}" if 0 < have < size else ""))
+            progress.resumed(have)
             sha = _sha256(part, have)  # what an earlier attempt wrote, to go on from
             writer = None
             if have < size:
