@@ -121,9 +121,14 @@ def gpus(ctx: Ctx) -> None:
          else f"{g['temperature']:.0f}°C"),
         ("power", "POWER W", lambda g: "-" if g["power_w"] is None else
          f"{g['power_w']:.0f}" + (f"/{g['power_limit_w']:.0f}" if g["power_limit_w"] else "")),
-        ("jobs", "JOBS", lambda g: ", ".join(f"{j['id']} {j['name']}" for j in g["jobs"])
-         or "-"),
+        ("planned", "PLANNED GiB", lambda g: render.gib(g.get("planned"))),
+        ("jobs", "JOBS", lambda g: ", ".join(
+            f"{j['id']} {j['name']}" + (f" ({render.gib(j['planned'])})"
+                                        if j.get("planned") is not None else "")
+            for j in g["jobs"]) or "-"),
     ])
+    for w in r.get("waiting") or []:
+        click.echo(f"job {w['id']} ({w['name']}) {w['why']}")
 
 
 @cli.command("web-url", short_help="The dashboard's login URL (with its token).")
@@ -270,6 +275,8 @@ def _status_once(ctx: Ctx, states: tuple[str, ...]) -> None:
         ("elapsed_s", "ELAPSED", lambda j: render.duration(j["elapsed_s"])),
         ("eta_s", "ETA", lambda j: render.duration(j["eta_s"])),
         ("attempts", "ATTEMPTS", lambda j: str(j["attempts"])),
+        *([("gpu", "GPU", render.placed_on)] if any(j.get("placement")
+                                                    for j in r["jobs"]) else []),
         ("reason", "REASON", render.status_reason),
     ])
 
@@ -309,6 +316,7 @@ def show(ctx: Ctx, job: str) -> None:
                      f"{j['watchdog']['no_progress']}, step limit "
                      f"{render.duration(j['watchdog']['step_limit_s'])}"),
         ("GPU rule", j["watchdog"]["gpu"]),
+        ("placed on", render.placement(j)),
         ("GPUs", "; ".join(render.gpu_line(g) for g in j.get("gpus") or []) or
          ("- (not running)" if j["state"] not in ("running", "stalled") else
           f"- ({j['watchdog']['gpu']})")),

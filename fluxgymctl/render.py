@@ -202,6 +202,30 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
+def placed_on(j: dict[str, Any]) -> str:
+    """The status table's GPU: the indices of the GPUs the job runs on now."""
+    p = j.get("placement") or {}
+    if not p.get("active"):
+        return "-"
+    return ",".join(str(i) for i in p.get("indices") or []) or "-"
+
+
+def placement(j: dict[str, Any]) -> str:
+    """`show`'s GPUs placed: `GPU 2 (card2), 20.0 GiB planned (tier 24G)...`"""
+    p = j.get("placement") or {}
+    if not p.get("gpus"):
+        return "-" if not j.get("waiting") else j["waiting"]
+    where = ", ".join(f"GPU {i}" + (f" ({n})" if n else "")
+                      for i, n in zip(p.get("indices") or [], p.get("names") or []))
+    what = "each GPU to itself" if p.get("bytes") is None else \
+        f"{gib(p['bytes'])} GiB planned" + (" per GPU" if len(p["gpus"]) > 1 else "")
+    more = [f"tier {p['tier']} for {gib(p['room'])} GiB of room" if p.get("tier") else "",
+            "shared with other jobs" if p.get("shared") else "",
+            "on a GPU of its own after an out-of-memory failure" if p.get("alone") else ""]
+    now = "" if p.get("active") else " (last attempt)"
+    return f"{where}: {what}" + "".join(f"; {m}" for m in more if m) + now
+
+
 def gpu_line(g: dict[str, Any]) -> str:
     """`GPU 0 NVIDIA H200: 97% busy, 61.2/139.8 GiB, 64°C, 512/700 W`"""
     parts = []

@@ -74,6 +74,10 @@ KEYS = [
     # ["DIR", { path = "DIR", python = "PY" }, ...]; environment: DIRs joined by ":"
     Key("kohya", "checkouts", list, []),
     Key("models", "dir", str, ""),
+    # "all", or [0, 1, "GPU-uuid", ...]; environment: "all" or "0,1"
+    Key("gpus", "use", list, "all"),
+    Key("gpus", "reserve_mib", int, 1024, minimum=0),
+    Key("gpus", "exclusive", bool, False),
     Key("hub", "token_file", str, ""),
     Key("notify", "url", str, ""),
     Key("notify", "url_file", str, ""),
@@ -111,6 +115,8 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 def _coerce(key: Key, value: Any, where: str) -> Any:
     full = f"{key.section}.{key.name}"
+    if full == "gpus.use":
+        return _gpu_use(value, f"{where}: {full}")
     if key.type is list:
         if isinstance(value, str) and where.startswith("environment"):
             value = [v for v in value.split(os.pathsep) if v.strip()]
@@ -146,6 +152,22 @@ def _coerce(key: Key, value: Any, where: str) -> Any:
             and not value.startswith("file:"):
         raise ConfigError(f"{where}: {full} must be auto, nvml, none or file:PATH")
     return value
+
+
+def _gpu_use(value: Any, where: str) -> tuple[str, ...]:
+    """[gpus] use: the GPUs fluxgymd hands out, as indices or UUIDs (strings); () = all."""
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return ()
+        if where.startswith("environment"):  # FLUXGYM_GPUS_USE=0,1
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [int(v) if v.isdigit() else v for v in value]
+    if not isinstance(value, list) or not value or not all(
+            (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            or (isinstance(v, str) and v.strip()) for v in value):
+        raise ConfigError(f"{where} must be \"all\" or a list of GPU indices or UUIDs, e.g. "
+                          f"use = [0, 1], got {value!r:.80}")
+    return tuple(str(v).strip() for v in value)
 
 
 def _checkouts(value: Any, where: str) -> tuple[tuple[str, str], ...]:
@@ -234,6 +256,9 @@ class Config:
     models_dir: Path = Path("models")
     models: dict = field(default_factory=dict)  # the catalog: name -> catalog.Model
     hub_token_file: str = ""
+    gpus_use: tuple[str, ...] = ()  # indices or UUIDs; () = every GPU the probe sees
+    gpu_reserve_mib: int = 1024
+    gpus_exclusive: bool = False
     executor: str = "local"
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -298,6 +323,9 @@ def load(
         models=_catalog(from_file.get(("models", "*"), {})),
         hub_token_file=str(Path(values["hub.token_file"]).expanduser())
         if values["hub.token_file"] else "",
+        gpus_use=values["gpus.use"] if isinstance(values["gpus.use"], tuple)
+        else _gpu_use(values["gpus.use"], "gpus.use"),
+        gpu_reserve_mib=values["gpus.reserve_mib"], gpus_exclusive=values["gpus.exclusive"],
         executor=values["daemon.executor"], slurm=_slurm(values),
         web=_web(values, resolved["state_dir"]),
         notify=_notify(values), hooks=HooksConfig(

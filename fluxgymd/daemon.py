@@ -12,6 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from .journal import Journal
 from .alerts import Alerts
 from .notify import Notifier, summary
 from .operations import Operations
+from .placing import Placing
 from .probes import make_gpu_probe
 from .protocol import (CONTROL_SOCKET, EVENTS_SOCKET, PROGRESS_SOCKET, TOPIC_STATE,
                        FluxgymError, encode)
@@ -68,7 +70,7 @@ RESTART_ONLY = ("state_dir", "runtime_dir", "outputs_dir", "journal", "journal_s
                 "gpu_probe", "executor", "slurm", "notify", "hooks", "web", "config_file")
 
 
-class Daemon(Runs, Stalls, Operations):
+class Daemon(Runs, Stalls, Operations, Placing):
     def __init__(self, cfg: Config, journal: Journal | None = None,
                  load_config: Callable[[], Config] | None = None):
         self.cfg = cfg
@@ -97,6 +99,7 @@ class Daemon(Runs, Stalls, Operations):
         self.restoring: set[int] = set()
         self.restored = asyncio.Event()
         self._pulling = asyncio.Lock()  # one pull decision at a time (operations._pull)
+        self.gpu_waits: dict[int, str] = {}  # queued job -> why it waits for GPUs (placing.py)
 
     # --- start-up -------------------------------------------------------------------
     def _lock(self, directory: Path) -> None:
@@ -277,6 +280,7 @@ class Daemon(Runs, Stalls, Operations):
         self._spawn(self._serve_progress())
         self._spawn(self._flush_loop())
         self._spawn(self._watch_loop())
+        self._spawn(self._placement_loop())
         interval = self.notifier.watchdog_interval()
         if interval:
             self._spawn(self._watchdog_pings(interval))
@@ -333,7 +337,7 @@ class Daemon(Runs, Stalls, Operations):
         self._flush()
         return {"counts": self.store.counts(),
                 "running": [self.store.get(job_id) for job_id in list(self.runs)],
-                "counters": dict(self.counters), "gpus": self.gpu.stats()}
+                "counters": dict(self.counters), "gpus": self._gpu_stats()}
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -407,6 +411,11 @@ class Daemon(Runs, Stalls, Operations):
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
         if new in FINISHED or new is S.QUEUED:
             fields.setdefault("phase", None)  # a phase belongs to a running attempt
+        if new in FINISHED or new is S.INTERRUPTED:
+            # its GPUs are free for others (where it ran stays: a requeued job goes back)
+            placed = self.store.get(job_id).get("placement")
+            if placed and placed.get("active"):
+                fields.setdefault("placement", json.dumps({**placed, "active": False}))
         job = self.store.transition(job_id, new, reason, **fields)
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
                  extra={"job_id": job_id, "job_name": job["name"]})
@@ -447,6 +456,8 @@ class Daemon(Runs, Stalls, Operations):
                           "progress": job_view(a, now)["progress"]}
                          for a in self.store.after(job["id"])]
         view["waiting"] = waiting_for(view)
+        if view["waiting"] is None and job["state"] == S.QUEUED.value:
+            view["waiting"] = self.gpu_waits.get(job["id"])
         return view
 
     def _publish(self, topic: bytes, obj: dict[str, Any]) -> None:
@@ -460,17 +471,7 @@ class Daemon(Runs, Stalls, Operations):
         except zmq.ZMQError:
             pass  # a slow subscriber loses events; followers recover gaps by sequence number
 
-    # --- the queue ------------------------------------------------------------------
-    def schedule(self) -> None:
-        if not self.restored.is_set() or self.paused:
-            return
-        while not self.stopping and \
-                len(self.runs) + len(self.recovering) < self.max_concurrent:
-            nxt = self.store.next_queued(1)
-            if not nxt:
-                return
-            self._start(nxt[0])
-
+    # --- the queue: placing.py (schedule) ---------------------------------------------
     async def _watchdog_pings(self, interval: float) -> None:
         """WATCHDOG=1 from a task on the loop itself: a loop wedged by a blocking call stops
         pinging, and systemd kills and restarts us as it should."""

@@ -20,7 +20,8 @@ from .watchdog import LIMIT_NAMES
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 SECTIONS = {
-    "job": {"name": str, "kind": str, "description": str, "executor": str, "after": list},
+    "job": {"name": str, "kind": str, "description": str, "executor": str, "after": list,
+            "gpus": (int, list), "gpu_memory_gib": (int, float)},
     "command": {"argv": list, "env": dict, "cwd": str, "progress": str},
     "train": None,  # the trainer validates its own keys
     "kohya": None,  # the kohya kind validates its own keys
@@ -30,6 +31,34 @@ SECTIONS = {
     "slurm": {"partition": str, "gres": str, "time_limit": str, "signal_before_end_s": int,
               "cpus_per_task": int, "mem": str, "sbatch_args": list, "python": str},
 }
+
+
+GPUS_FORM = "a number of GPUs (gpus = 1) or a list of GPU indices or UUIDs (gpus = [2])"
+
+
+def _gpus(job: dict, errors: list[str]) -> dict[str, Any]:
+    """[job] gpus and gpu_memory_gib, checked for their form (which GPUs exist is the
+    daemon's to say at submit)."""
+    out: dict[str, Any] = {}
+    gpus = job.get("gpus")
+    if isinstance(gpus, int) and not isinstance(gpus, bool):
+        if not 0 <= gpus <= 64:
+            errors.append(f"job.gpus must be 0 to 64, got {gpus}")
+        out["gpus"] = gpus
+    elif isinstance(gpus, list):
+        bad = [g for g in gpus if isinstance(g, bool) or not isinstance(g, (int, str))
+               or (isinstance(g, int) and g < 0) or (isinstance(g, str) and not g.strip())]
+        if bad or not gpus:
+            errors.append(f"job.gpus must be {GPUS_FORM}, got {gpus!r:.80}")
+        elif len(set(map(str, gpus))) != len(gpus):
+            errors.append(f"job.gpus names a GPU twice: {gpus!r:.80}")
+        out["gpus"] = list(gpus)
+    mem = job.get("gpu_memory_gib")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool):
+        if not 0 < mem <= 4096:
+            errors.append(f"job.gpu_memory_gib must be more than 0 (GiB per GPU), got {mem}")
+        out["gpu_memory_gib"] = float(mem)
+    return out
 
 
 def _close(word: str, choices) -> str:
@@ -125,7 +154,8 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
                     errors.append(f"unknown key {section}.{key}{_close(key, types)}")
                 elif not isinstance(v, types[key]) or isinstance(v, bool):
                     want = types[key]
-                    tname = "a number" if isinstance(want, tuple) else {
+                    tname = GPUS_FORM if want == (int, list) else \
+                        "a number" if isinstance(want, tuple) else {
                         str: "a string", list: "a list", dict: "a table"}[want]
                     errors.append(f"{section}.{key} must be {tname}, got {v!r:.60}")
 
@@ -174,6 +204,7 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
     }
     if after:
         spec["after"] = [str(a) for a in after]  # checked against the store at submit
+    spec.update(_gpus(job, errors))
     if executor is not None:
         spec["executor"] = executor
     if slurm:

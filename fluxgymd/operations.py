@@ -106,6 +106,10 @@ class Operations:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
         out = jobspec.output_dir(self.cfg.outputs_dir, spec["name"])
+        await self._plan_for_submit(spec)  # refused here if it can never fit a GPU
+        if self.stopping:
+            raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
+                               "once it has restarted")
         more = list(args["after"] or [])
         needed = kind_of(spec).models_needed(spec, self._policy())
         if needed:
@@ -268,18 +272,29 @@ class Operations:
         return view
 
     def _gpu_stats(self) -> list[dict[str, Any]]:
-        """Every GPU's figures, with the jobs running on it (a job without
-        CUDA_VISIBLE_DEVICES counts as on all of them)."""
+        """Every GPU's figures, with the jobs running on it and the memory they planned
+        there (a job fluxgymd did not place, without CUDA_VISIBLE_DEVICES, counts as on all
+        of them), and the queued job it is held for, if one is."""
         stats = self.gpu.stats()
         for g in stats:
-            g["jobs"] = []
+            g["jobs"], g["planned"] = [], 0
         for job_id, run in self.runs.items():
             if run.executor != "local":
                 continue  # its GPUs are a node's, not this machine's
             job = self.store.get(job_id)
+            place = run.placement or {}
             for g in stats:
-                if run.gpus is None or g["index"] in run.gpus:
-                    g["jobs"].append({"id": job_id, "name": job["name"]})
+                if place.get("gpus"):
+                    if (g.get("uuid") or str(g["index"])) not in place["gpus"]:
+                        continue
+                elif run.gpus is not None and g["index"] not in run.gpus:
+                    continue
+                g["jobs"].append({"id": job_id, "name": job["name"],
+                                  "planned": place.get("bytes"), "tier": place.get("tier")})
+                if place.get("bytes") is not None:
+                    g["planned"] += place["bytes"]
+                elif place.get("gpus"):
+                    g["planned"] = g.get("memory_total") or g["planned"]  # a whole GPU
         return stats
 
     def op_web_url(self, args) -> dict[str, Any]:
@@ -298,7 +313,10 @@ class Operations:
         why = "" if stats else (self.gpu.describe() if not self.gpu.available else
                                 f"{self.gpu.describe()}, but it gave no figures")
         return {"available": bool(stats), "source": self.gpu.describe(), "why": why,
-                "gpus": stats}
+                "gpus": stats, "reserve_mib": self.cfg.gpu_reserve_mib,
+                "exclusive": self.cfg.gpus_exclusive, "use": list(self.cfg.gpus_use) or "all",
+                "waiting": [{"id": i, "name": self.store.get(i)["name"], "why": w}
+                            for i, w in sorted(self.gpu_waits.items())]}
 
     def op_cancel(self, args) -> dict[str, Any]:
         job = self._find(args["job"])

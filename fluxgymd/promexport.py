@@ -62,18 +62,24 @@ class _Collector:
                                  labels=["gpu", "name"])
         mem_total = GaugeMetricFamily("fluxgymd_gpu_memory_total_bytes", "GPU memory.",
                                       labels=["gpu", "name"])
+        jobs = GaugeMetricFamily("fluxgymd_gpu_jobs", "Jobs running on the GPU.",
+                                 labels=["gpu", "name"])
+        planned = GaugeMetricFamily("fluxgymd_gpu_planned_bytes", "GPU memory the jobs "
+                                    "placed on it planned.", labels=["gpu", "name"])
         for g in f["gpus"]:
             labels = [str(g["index"]), g.get("name") or ""]
             for fam, key in ((util, "utilization"), (used, "memory_used"),
-                             (mem_total, "memory_total")):
+                             (mem_total, "memory_total"), (planned, "planned")):
                 if g.get(key) is not None:
                     fam.add_metric(labels, g[key])
-        yield from (util, used, mem_total)
+            jobs.add_metric(labels, len(g.get("jobs") or []))
+        yield from (util, used, mem_total, jobs, planned)
 
 
 def render(figures: dict[str, Any]) -> tuple[bytes, str]:
     """figures: `counts` (jobs by state), `running` (the store rows of the jobs running now),
-    `counters` ({("restart" | "stall", why): n}) and `gpus` (the probe's stats)."""
+    `counters` ({("restart" | "stall", why): n}) and `gpus` (the probe's stats, each with its
+    `jobs` and the memory they `planned`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(figures))
     return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"

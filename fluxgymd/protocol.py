@@ -338,6 +338,9 @@ ENV_PROGRESS_ENDPOINT = "FLUXGYM_PROGRESS_ENDPOINT"
 ENV_ATTEMPT = "FLUXGYM_ATTEMPT"
 # A trainer on a Slurm node reports its own GPUs' utilization (NVML) every this many seconds.
 ENV_GPU_REPORT_S = "FLUXGYM_GPU_REPORT_S"
+# The memory (bytes) a placed job may take on its GPU, others' plans there counted: the
+# trainer's `auto` tier is chosen for this, not for what the GPU reads free
+ENV_GPU_ROOM = "FLUXGYM_GPU_ROOM_BYTES"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the child checkpointed and can be resumed
 # downloading: a download job's files coming in (judged like training: by its steps, bytes)
 PHASES = ("loading", "caching", "training", "sampling", "saving", "downloading")

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from . import ownership, procs
+from .gpus import with_gres
 from .joblog import JobLog
 from .journal import JobLines
 from .kinds import kind_of
 from .probes import job_gpus, oom_kills
 from .progress import parse_child_event
 from .protocol import (
-    ENV_ATTEMPT, ENV_GPU_REPORT_S, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT,
+    ENV_ATTEMPT, ENV_GPU_REPORT_S, ENV_GPU_ROOM, ENV_JOB_ID, ENV_OUTPUT_DIR, ENV_PROGRESS_ENDPOINT,
     TOPIC_PROGRESS, TOPIC_STATE, FluxgymError, log_topic,
 )
 from .states import JobState
@@ -73,6 +74,8 @@ class Run:
     # ETA_WINDOW_S, checkpoints and samples included, so it does not jump between phases
     pace: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     offsets: tuple[int, int] | None = None  # a Slurm attempt's file offsets, as stored
+    placement: dict[str, Any] | None = None  # its GPUs (placing.py), when it has some
+    shared: bool = False  # another job of ours was on one of its GPUs during the attempt
     stepped: bool = False  # this attempt reported a step (until then the store's is where
     #                        it resumes from: its newest checkpoint's)
 
@@ -122,15 +125,21 @@ class Runs:
             self.logs.pop(old_id).close()
         return jl
 
-    def _start(self, job: dict[str, Any]) -> None:
+    def _start(self, job: dict[str, Any], place: dict[str, Any] | None = None) -> None:
+        """Start the job's next attempt; `place`: the GPUs the placement policy gave it (a
+        job restarted after a backoff keeps the ones it has)."""
         job_id, attempt = job["id"], job["attempts"] + 1
         kind = kind_of(job)
         progress = _progress_of(job)  # what the no-progress breaker compares this attempt with
+        if place is None and job["state"] == S.RECOVERING.value:
+            kept = job.get("placement") or {}
+            place = kept if kept.get("active") else None
         # the step shown is this attempt's: until it reports one, where it resumes from
         job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
                                started_at=job["started_at"] or time.time(), exit_code=None,
                                step=job["checkpoint_step"], loss=None, lr=None,
-                               seconds_per_step=None)
+                               seconds_per_step=None,
+                               **({"placement": json.dumps(place)} if place else {}))
         if (why := self._refused(job["spec"])) is not None:
             # queued while it was allowed, and the config changed since
             self._transition(job_id, S.FAILED, why)
@@ -173,8 +182,16 @@ class Runs:
                 env["HF_TOKEN"] = token
         env.update({ENV_JOB_ID: str(job_id), ENV_OUTPUT_DIR: str(out), ENV_ATTEMPT: str(attempt),
                     ENV_PROGRESS_ENDPOINT: self.progress_endpoint})
+        if place:
+            # by UUID: an index can name another GPU once devices are reordered
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(place["gpus"])
+            if place.get("room"):
+                # what this job may take, others' plans there counted (auto's tier)
+                env[ENV_GPU_ROOM] = str(place["room"])
         executor = self._executor_of(job)
         run = self._new_run(job, attempt, executor, folder_lock, progress)
+        run.placement = place
+        run.shared = bool(place and place.get("shared"))
         run.log.write([f"=== fluxgymd: attempt {attempt} at "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
                        f"{' through Slurm' if executor == 'slurm' else ''}: "
@@ -197,7 +214,7 @@ class Runs:
         if os.environ.get(FAULT_ENV) == "stop-after-spawn":
             os.kill(os.getpid(), signal.SIGSTOP)
         run.watch = self._new_watch(job, run)
-        run.gpus = job_gpus(env)
+        run.gpus = list(place["indices"]) if place else job_gpus(env)
         run.oom_at_start = oom_kills()
         self.runs[job_id] = run
         self._transition(job_id, S.RUNNING, f"attempt {attempt}: pid {run.child.pid}",
@@ -239,7 +256,8 @@ class Runs:
 
     def _start_on_slurm(self, job: dict[str, Any], run: Run, argv: list[str],
                         env: dict[str, str], cwd: str | None) -> None:
-        settings = self.cfg.slurm.with_overrides(job["spec"].get("slurm") or {})
+        settings = with_gres(self.cfg.slurm.with_overrides(job["spec"].get("slurm") or {}),
+                             job["spec"])
         if settings.python and argv and argv[0] == sys.executable:
             argv = [settings.python, *argv[1:]]
         out = Path(job["output_dir"])
@@ -328,8 +346,12 @@ class Runs:
                                   and oom_now > run.oom_at_start),
             stall=run.stall, cancelled=run.cancel, daemon_stopping=self.stopping,
             progress=_progress_of(job), last_output=run.last_line,
-            contract=kind_of(job).speaks_contract, lost=ex.lost)
+            contract=kind_of(job).speaks_contract, lost=ex.lost,
+            shared_gpu=run.shared and not (run.placement or {}).get("alone"))
         out = after_exit(ending, run.budget, run.limits)
+        if out.alone:
+            self.store.update(run.job_id, placement=json.dumps(
+                {**(job.get("placement") or {}), "alone": True}))
         reason = out.reason
         fields = {"exit_code": ex.code, "pid": None, "restarts": out.budget.restarts,
                   "no_progress": out.budget.no_progress}

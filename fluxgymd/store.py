@@ -104,6 +104,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX deps_after ON deps(after_id);
     """,
+    # 7: where a job runs on this machine's GPUs (placement.py), JSON; kept after it ends
+    """
+    ALTER TABLE jobs ADD COLUMN placement TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -114,6 +118,7 @@ UPDATABLE = frozenset(
         "seconds_per_step", "checkpoint", "checkpoint_step", "exit_code",
         "cancel_requested", "attempts", "restarts", "no_progress", "started_at", "memory_plan",
         "executor", "external_id", "node", "external_state", "output_offset", "events_offset",
+        "placement",
     }
 )
 RECOVER_HINT = (
@@ -418,5 +423,6 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job["spec"] = json.loads(job["spec"])
     job["cancel_requested"] = bool(job["cancel_requested"])
     job["memory_plan"] = json.loads(job["memory_plan"]) if job.get("memory_plan") else None
+    job["placement"] = json.loads(job["placement"]) if job.get("placement") else None
     return job
 

@@ -178,6 +178,8 @@ class Ending:
     last_output: str = ""  # the child's last non-empty line: often the error itself
     contract: bool = False  # the child is our trainer (its exit 2 means: fix the job)
     lost: str = ""  # the cluster ended it (node failure, preemption): why
+    shared_gpu: bool = False  # another job of ours was on its GPU (and it has not yet been
+    #                           retried on one of its own)
 
     @property
     def what(self) -> str:
@@ -200,6 +202,7 @@ class Outcome:
     reason: str
     delay_s: float = 0.0
     budget: Budget = Budget()
+    alone: bool = False  # its next attempt must have a GPU to itself
 
 
 def backoff(limits: Limits, restarts_done: int) -> float:
@@ -236,6 +239,11 @@ def after_exit(e: Ending, budget: Budget, limits: Limits) -> Outcome:
         return Outcome("failed", f"{e.stall.reason}; not retried: raise the limit or use less "
                        "memory (smaller batch, gradient checkpointing, lower resolution)",
                        budget=budget)
+    if e.shared_gpu and not e.oom_killed and OOM_PATTERNS.search(e.output_tail):
+        # its neighbour may have taken the memory: once more, with no one beside it
+        return Outcome("resume", f"{e.what}: out of memory on a GPU it shared with another "
+                       "job; resumed once on a GPU of its own before it is judged as out of "
+                       "memory", budget=budget, alone=True)
     if e.oom_killed or OOM_PATTERNS.search(e.output_tail):
         how = "killed by the kernel's OOM killer" if e.oom_killed else e.what
         return Outcome("failed", f"{how}: {OOM_ADVICE}", budget=budget)

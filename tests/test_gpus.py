@@ -37,8 +37,10 @@ def test_gpus_shows_each_gpu_with_the_job_on_it(daemon_factory, short_tmp):
     d.submit(job)
     d.wait_state("on-gpu1", "running")
     rc, r = d.ctl_json("gpus")
+    # its own CUDA_VISIBLE_DEVICES pins it: placed on GPU 1, the whole of it
     assert rc == 0 and r["available"] and [g["jobs"] for g in r["gpus"]] == [
-        [], [{"id": 1, "name": "on-gpu1"}]]
+        [], [{"id": 1, "name": "on-gpu1", "planned": None, "tier": None}]]
+    assert [g["planned"] for g in r["gpus"]] == [0, 140 * 2**30]
     out = d.ctl("gpus", check=True).stdout
     assert "97%" in out and "60.0/140.0" in out and "1 on-gpu1" in out, out
     show = d.ctl("show", "on-gpu1", check=True).stdout

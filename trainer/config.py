@@ -238,9 +238,10 @@ def parse(section: dict[str, Any], base_dir: str = "", pending: Any = ()) -> Tra
     return cfg
 
 
-def load_job(path: str) -> tuple[TrainConfig, str]:
+def load_job(path: str, pending: Any = ()) -> tuple[TrainConfig, str]:
     """A job file's [train] section, validated, and the job's name; SystemExit with the
-    problems otherwise (the trainer's and trainer.plan's command lines)."""
+    problems otherwise (the trainer's and trainer.plan's command lines). `pending`: keys of
+    [train] whose files may not exist yet (a planner run before the download)."""
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
@@ -252,7 +253,8 @@ def load_job(path: str) -> tuple[TrainConfig, str]:
     if not isinstance(train, dict):
         raise SystemExit(f"trainer: {path} has no [train] section")
     try:
-        cfg = parse(train, os.path.dirname(os.path.abspath(path)))
+        cfg = parse(train, os.path.dirname(os.path.abspath(path)),
+                    {train[k] for k in pending if isinstance(train.get(k), str)})
     except TrainConfigError as e:
         raise SystemExit(f"trainer: {path} has {len(e.problems)} problem(s):\n"
                          + "\n".join(f"  - {p}" for p in e.problems)) from None

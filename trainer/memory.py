@@ -4,6 +4,8 @@ NVML reads it. A run that resumes keeps the levers its checkpoints were made wit
 optimizer's state belongs to its optimizer. A plan that cannot fit fails the job (exit 2)."""
 from __future__ import annotations
 
+import os
+
 from . import checkpoint as ckpt
 from . import tiers
 from .config import TrainError
@@ -14,6 +16,13 @@ def free_gpu_bytes(device) -> int | None:
     CUDA_VISIBLE_DEVICES is respected); from CUDA when NVML is missing. None on a CPU."""
     if getattr(device, "type", str(device)) != "cuda":
         return None
+    free = _free_gpu_bytes(device)
+    # placed by fluxgymd beside other jobs: their plans count, allocated or not yet
+    room = os.environ.get("FLUXGYM_GPU_ROOM_BYTES", "")
+    return min(free, int(room)) if room.isdigit() else free
+
+
+def _free_gpu_bytes(device) -> int:
     import torch
 
     index = device.index or 0

@@ -28,6 +28,7 @@ SAVED_PER_BLOCK_GC = 1.1  # with it: the block's inputs only
 TRANSIENT_BLOCKS = 2.0  # one block being recomputed, and the forward's temporaries
 FIXED = 400 << 20  # cuBLAS workspaces, the allocator's rounding, RNG and position tensors
 MODELS = {"flux-dev": True, "flux-schnell": False}  # guidance embedding
+MODEL_KEYS = ("pretrained_model", "ae", "clip_l", "t5xxl", "tokenizers")
 
 
 @functools.lru_cache(maxsize=4)
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import quiet
     from .config import load_job
 
-    cfg, _ = load_job(args.job_file)
+    # planning for a named architecture reads no model file: they may not be here yet
+    cfg, _ = load_job(args.job_file, MODEL_KEYS if args.model else ())
     quiet()
     plans = plan_all(model_config(cfg, args.model), cfg)
     if cfg.vram != "auto":

@@ -43,6 +43,7 @@ class JobKind:
     speaks_contract = False  # judged by progress events from its start, not only by output
     runs_any_program = False  # refused unless command jobs are allowed
     uses_gpu = True  # judged by the idle-GPU rule (where there are GPUs)
+    default_gpus = 0  # GPUs it is placed on unless [job] gpus says (on a host with GPUs)
     hub_token = False  # its child gets the Hub token ([hub] token_file, HF_TOKEN); no other does
     local_only = False  # always on this machine, whatever the executor (a download: the
     #                     token never goes into a cluster's job environment)

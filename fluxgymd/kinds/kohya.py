@@ -207,6 +207,7 @@ def model_flags(name: str, args: list[str], policy, errors: list[str]) -> list[s
 
 class KohyaKind(JobKind):
     name = section = "kohya"
+    default_gpus = 1
     speaks_contract = True  # judged by the steps and phases read from its output
 
     def validate(self, section, base, errors, policy):

@@ -58,6 +58,7 @@ class LoraKind(JobKind):
     name = "lora"
     section = "train"
     speaks_contract = True
+    default_gpus = 1
 
     def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):

@@ -70,11 +70,14 @@ async function loadGpus() {
   const r = await api("api/gpus");
   if (!r.gpus.length) { $("#gpu-list").textContent = `no GPU figures: ${r.why}`; return; }
   $("#gpu-list").innerHTML = "<table><tr><th>GPU</th><th>name</th><th>util</th><th>memory GiB</th>" +
-    "<th>temp</th><th>power W</th><th>jobs</th></tr>" + r.gpus.map((g) => `<tr><td>${g.index}</td>
+    "<th>planned GiB</th><th>temp</th><th>power W</th><th>jobs</th></tr>" + r.gpus.map((g) => `<tr><td>${g.index}</td>
     <td>${esc(g.name || "-")}</td><td>${g.utilization ?? "-"}%</td>
     <td>${g.memory_used == null ? "-" : (g.memory_used / 2 ** 30).toFixed(1)}/${g.memory_total == null ? "-" : (g.memory_total / 2 ** 30).toFixed(1)}</td>
+    <td>${g.planned ? (g.planned / 2 ** 30).toFixed(1) : "-"}</td>
     <td>${g.temperature ?? "-"}°C</td><td>${g.power_w == null ? "-" : Math.round(g.power_w)}${g.power_limit_w ? "/" + Math.round(g.power_limit_w) : ""}</td>
-    <td>${g.jobs.map((j) => `${j.id} ${esc(j.name)}`).join(", ") || "-"}</td></tr>`).join("") + "</table>";
+    <td>${g.jobs.map((j) => `${j.id} ${esc(j.name)}` + (j.planned == null ? "" :
+      ` (${(j.planned / 2 ** 30).toFixed(1)} GiB${j.tier ? ", " + esc(j.tier) : ""})`)).join(", ") || "-"}</td></tr>`).join("") +
+    "</table>" + (r.waiting || []).map((w) => `<div>job ${w.id} (${esc(w.name)}) ${esc(w.why)}</div>`).join("");
 }
 
 function drawChart() {
