@@ -250,6 +250,9 @@ def decide(gpus: list[Gpu], placed: Iterable[Placed], queue: list[Waiting], slot
                     book.gpus[u].index))[:need.count]
                 out.held[w.job_id] = _ordered(book, mine)
                 held.update(mine)
+                out.waits[w.job_id] += "; nothing new goes onto " + ", ".join(
+                    f"GPU {book.gpus[u].index}" for u in out.held[w.job_id]) + \
+                    " meanwhile (held for it)"
                 failed.clear()
     return out
 

@@ -288,3 +288,16 @@ def test_the_gpus_config_keys(tmp_path):
     f.write_text('[gpus]\nreserve = 5\n')
     with pytest.raises(config.ConfigError, match="reserve_mib"):
         config.load(f, env={})
+
+
+def test_metrics_count_the_jobs_and_planned_memory_per_gpu():
+    from fluxgymd import promexport
+
+    body, _ = promexport.render({"counts": {}, "running": [], "counters": {}, "gpus": [
+        {"index": 0, "name": "A", "planned": 20 * GiB, "memory_total": 80 * GiB,
+         "jobs": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]},
+        {"index": 1, "name": "B", "planned": 0, "jobs": []}]})
+    text = body.decode()
+    assert 'fluxgymd_gpu_jobs{gpu="0",name="A"} 2.0' in text
+    assert 'fluxgymd_gpu_jobs{gpu="1",name="B"} 0.0' in text
+    assert 'fluxgymd_gpu_planned_bytes{gpu="0",name="A"} 2.147483648e+10' in text

@@ -208,3 +208,35 @@ def test_a_checkpoint_from_before_tiers_still_resumes(tiny):
     log = (out / "stderr.log").read_text()
     assert rc == 0, log[-3000:]
     assert "resuming from" in log and "step 10" in log
+
+
+def test_a_placed_trainer_chooses_auto_for_the_room_fluxgymd_gave_it(tiny, monkeypatch):
+    """The GPU reads 80 GiB free, but fluxgymd placed another job's 50 GiB plan there that
+    has not allocated yet: the trainer takes the room it was given, not the reading."""
+    from trainer import memory, sources
+    from trainer.config import parse
+
+    class Device:
+        type, index = "cuda", 0
+
+    monkeypatch.setattr(memory, "_free_gpu_bytes", lambda device: 80 * 2**30)
+    assert memory.free_gpu_bytes(Device()) == 80 * 2**30
+    monkeypatch.setenv("FLUXGYM_GPU_ROOM_BYTES", str(30 * 2**30))
+    assert memory.free_gpu_bytes(Device()) == 30 * 2**30
+    assert memory.free_gpu_bytes("cpu") is None
+
+    said = []
+
+    class Rep:
+        def say(self, text):
+            said.append(text)
+
+        def send(self, event, **fields):
+            said.append((event, fields))
+
+    cfg = parse({"pretrained_model": str(tiny / "model"), "dataset_dir": str(tiny / "data"),
+                 "vram": "auto", "resolution": 512})
+    src = sources.resolve(cfg.pretrained_model)
+    src.transformer.config = sources.shipped("flux", "transformer")
+    memory.choose_levers(cfg, src, str(tiny / "room"), Device(), Rep())
+    assert said[-1][1]["free_bytes"] == 30 * 2**30 and said[-1][1]["tier"] == "24G"
