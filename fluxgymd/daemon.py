@@ -157,6 +157,7 @@ class Daemon(Runs, Stalls, Operations, Placing):
         os.chmod(cfg.runtime_dir / PROGRESS_SOCKET, 0o600)  # only our own children
         self.gpu = make_gpu_probe(cfg.gpu_probe)
         log.info("GPU rule %s", self.gpu.describe())
+        self._log_inventory()
         self.slurm = SlurmExecutor(cfg.slurm, cfg.outputs_dir)
 
     async def restore(self) -> None:

@@ -39,6 +39,17 @@ class Placing:
             return []
         return inventory(stats, self.cfg.gpus_use)
 
+    def _log_inventory(self) -> None:
+        gpus = self._inventory()
+        if gpus:
+            log.info("placing jobs on %d GPU(s): %s; %d MiB kept free on each%s", len(gpus),
+                     ", ".join(f"{g.label} {g.total / policy.GiB:.0f} GiB ({g.uuid})"
+                               for g in gpus), self.cfg.gpu_reserve_mib,
+                     "; one job per GPU" if self.cfg.gpus_exclusive else "")
+        elif self.gpu.available:
+            log.info("GPU placement off: the GPU probe gives no memory figures (or [gpus] use "
+                     "leaves none); jobs run without CUDA_VISIBLE_DEVICES from fluxgymd")
+
     def _places_gpus(self, spec: dict[str, Any]) -> bool:
         """Whether this daemon places the job on its own GPUs (a Slurm job is Slurm's)."""
         return self._executor_of({"spec": spec}) == "local"
@@ -64,17 +75,23 @@ class Placing:
 
     def schedule(self) -> None:
         """Start what may start: priority, then first in first out, while slots are free,
-        each job where the placement policy puts it."""
+        each job where the placement policy puts it. A job may end as it starts (refused,
+        already finished, its folder gone): its slot is then free for the next pass."""
+        while self._schedule_pass():
+            pass
+
+    def _schedule_pass(self) -> bool:
+        """One pass; whether it started something and slots are left for another."""
         if not self.restored.is_set() or self.paused or self.stopping:
-            return
+            return False
         slots = self.max_concurrent - len(self.runs) - len(self.recovering)
         if slots <= 0:
             self.gpu_waits = {}
-            return
+            return False
         queue = self.store.next_queued(QUEUE_WINDOW)
         if not queue:
             self.gpu_waits = {}
-            return
+            return False
         gpus = self._inventory()
         waiting, jobs, unplaceable = [], {}, {}
         for job in queue:
@@ -91,7 +108,7 @@ class Placing:
         by_uuid = {g.uuid: g for g in gpus}
         for d in decided.start:
             if self.stopping:
-                return
+                return False
             job = jobs[d.job_id]
             place = None
             if d.gpus:
@@ -106,6 +123,8 @@ class Placing:
             for job_id in decided.waits:
                 if job_id in jobs:
                     self._announce_wait(jobs[job_id])
+        return bool(decided.start) and \
+            len(self.runs) + len(self.recovering) < self.max_concurrent
 
     def _announce_wait(self, job: dict[str, Any]) -> None:
         from .protocol import TOPIC_STATE

@@ -13,6 +13,7 @@ from pathlib import Path
 import tomli_w
 
 from conftest import FAST
+from fluxgymd.protocol import TOPIC_STATE
 from fluxgymd.testing import wait_until
 
 GiB = 1 << 30
@@ -61,48 +62,52 @@ def placement_daemon(daemon_factory, short_tmp, sizes, **config):
 
 
 class Audit:
-    """Reads every job's placement every 20 ms while the test runs: no GPU may ever hold
-    more planned memory than it has (less the reserve), nor a whole-GPU job beside another."""
+    """Follows every state change on the events socket (each carries the job's view, its
+    placement included) and checks after each one that no GPU holds more planned memory
+    than it has less the reserve, nor a whole-GPU job beside another."""
 
     def __init__(self, d, sizes):
-        self.d, self.sizes, self.problems, self.seen, self.errors = d, sizes, [], 0, []
+        self.d, self.sizes, self.problems, self.seen = d, sizes, [], 0
+        self.client = d.client()
+        self.sub = self.client.subscribe(TOPIC_STATE)
+        time.sleep(0.3)  # a SUB socket joins late: subscribe before the first submit
+        self.jobs = {j["id"]: j for j in d.call("list")["jobs"]}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
         while not self.stop.is_set():
-            try:
-                jobs = self.d.call("list")["jobs"]
-            except Exception as e:
-                self.errors.append(repr(e))
-                time.sleep(0.02)
-                continue
-            plan, count, whole = {}, {}, {}
-            for j in jobs:
-                p = j.get("placement") or {}
-                if not p.get("active") or j["state"] not in ("starting", "running", "stalled",
-                                                             "recovering"):
-                    continue
-                for u in p["gpus"]:
-                    count[u] = count.get(u, 0) + 1
-                    if p["bytes"] is None:
-                        whole[u] = True
-                    else:
-                        plan[u] = plan.get(u, 0) + p["bytes"]
-            for i, size in enumerate(self.sizes):
-                u = uuid(i)
-                if plan.get(u, 0) > size * GiB - GiB:
-                    self.problems.append(f"{u}: {plan[u] / GiB:.1f} GiB planned")
-                if whole.get(u) and count[u] > 1:
-                    self.problems.append(f"{u}: a whole-GPU job beside {count[u] - 1} other(s)")
-            self.seen += 1
-            time.sleep(0.02)
+            for _, view in self.sub.events(0.1):
+                self.jobs[view["id"]] = view
+                self.check()
+                self.seen += 1
 
-    def close(self):
+    def check(self):
+        plan, count, whole = {}, {}, {}
+        for j in self.jobs.values():
+            p = j.get("placement") or {}
+            if not p.get("active"):
+                continue
+            for u in p["gpus"]:
+                count[u] = count.get(u, 0) + 1
+                if p["bytes"] is None:
+                    whole[u] = True
+                else:
+                    plan[u] = plan.get(u, 0) + p["bytes"]
+        for i, size in enumerate(self.sizes):
+            u = uuid(i)
+            if plan.get(u, 0) > size * GiB - GiB:
+                self.problems.append(f"{u}: {plan[u] / GiB:.1f} GiB planned")
+            if whole.get(u) and count[u] > 1:
+                self.problems.append(f"{u}: a whole-GPU job beside {count[u] - 1} other(s)")
+
+    def close(self, at_least: int = 10):
         self.stop.set()
         self.thread.join(5)
-        assert self.seen > 10, self.errors[:3]
+        self.sub.close()
+        self.client.close()
+        assert self.seen >= at_least, self.seen
         assert not self.problems, self.problems[:5]
 
 
@@ -288,3 +293,38 @@ def test_out_of_memory_beside_another_job_is_resumed_once_on_a_gpu_of_its_own(
     assert j["placement"]["alone"] and j["restarts"] == 0
     rel.touch()
     d.wait_state("neighbour", "succeeded")
+
+
+def test_a_two_gpu_job_is_not_starved_by_a_stream_of_one_gpu_jobs(daemon_factory, short_tmp):
+    """One-GPU jobs of 1 s keep arriving (two fit on a GPU); a two-GPU job that needs both
+    GPUs empty, queued behind them, holds the GPUs as they free up and starts within the
+    time the jobs already there take to end."""
+    sizes = (24, 24)
+    d, _ = placement_daemon(daemon_factory, short_tmp, sizes)
+    audit = Audit(d, sizes)
+    stop = threading.Event()
+    short = [sys.executable, "-c", "import time; time.sleep(1)"]
+
+    def stream():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            d.submit(job(short_tmp, f"small-{n}", argv=short, gpus=1, gpu_memory_gib=8)[0])
+            time.sleep(0.25)
+
+    feeder = threading.Thread(target=stream, daemon=True)
+    feeder.start()
+    try:
+        wait_until(lambda: sum(j["state"] == "running" for j in d.call("list")["jobs"]) >= 3,
+                   10, what="the stream to fill the GPUs")
+        path, _ = job(short_tmp, "pair", argv=short, gpus=2, gpu_memory_gib=20)
+        queued_at = time.monotonic()
+        d.submit(path)
+        d.wait_state("pair", ["running", "succeeded"], timeout=10)
+        waited = time.monotonic() - queued_at
+    finally:
+        stop.set()
+        feeder.join(5)
+    assert waited < 4.0, waited  # the small jobs last 1 s: bounded, not starved
+    d.wait_state("pair", "succeeded", timeout=10)
+    audit.close(at_least=20)

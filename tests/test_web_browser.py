@@ -6,11 +6,13 @@ browser without the token is refused. Screenshots are saved under the test's tem
 checked (the right size, not blank)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,12 @@ def lora_job(where: Path, tiny: Path) -> Path:
 def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
         browser, daemon_factory, tiny, short_tmp, tmp_path):
     from selenium.webdriver.common.by import By
-    d = daemon_factory(**FAST, web__listen="127.0.0.1:0").start()
+    probe = short_tmp / "gpus.json"  # two scripted GPUs: jobs are placed on them
+    probe.write_text(json.dumps([{"index": i, "uuid": f"GPU-{i}", "name": f"card{i}",
+                                  "memory_total": 24 * 2**30, "memory_used": 0,
+                                  "utilization": 50} for i in range(2)]))
+    d = daemon_factory(**FAST, web__listen="127.0.0.1:0",
+                       watchdog__gpu_probe=f"file:{probe}").start()
     url = d.ctl("web-url", check=True).stdout.strip()
     base = url.split("/?token=")[0]
 
@@ -126,10 +133,17 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     screenshot(browser, tmp_path / "sample.png")
     browser.find_element(By.ID, "viewer").click()
 
-    # cancel from the page
-    d.submit(write_job(short_tmp, "web-sleep",
-                       [sys.executable, "-c", "import time; time.sleep(120)"]))
+    # cancel from the page; meanwhile the GPU panel shows the job on its GPU and its plan
+    path = write_job(short_tmp, "web-sleep", [sys.executable, "-c", "import time; "
+                                              "time.sleep(120)"])
+    doc = tomllib.loads(path.read_text())
+    doc["job"].update(gpus=1, gpu_memory_gib=3)
+    path.write_text(tomli_w.dumps(doc))
+    d.submit(path)
     d.wait_state("web-sleep", "running")
+    wait_until(lambda: "web-sleep (3.0 GiB)" in browser.find_element(By.ID, "gpu-list").text,
+               15, what="the GPU panel to show the job and its planned memory")
+    assert "planned GiB" in browser.find_element(By.ID, "gpu-list").text
     wait_until(lambda: browser.execute_script(
         "const b = document.querySelector(\"#jobs tbody tr button[data-act='cancel']\");"
         "if (b) b.click(); return !!b"), 10, what="a cancel button to click")
