@@ -95,24 +95,36 @@ def test_the_planner_meets_the_full_size_targets(tiny):
     assert doc["chosen"] == "none"  # no GPU: auto plans nothing away
 
 
-def test_a_job_that_cannot_fit_its_gpu_fails_naming_the_tier_that_would(tiny, monkeypatch):
-    from trainer import memory, sources
-    from trainer.config import parse
-    from trainer.train import TrainError
-
-    said = []
-
+def _reporter(said: list):
+    """A stand-in for the trainer's reporter that keeps what it is told in `said`."""
     class Rep:
         def say(self, text):
             said.append(text)
 
         def send(self, event, **fields):
             said.append((event, fields))
+    return Rep
+
+
+def _full_size(tiny, vram: str):
+    """The tiny job's config with the planner's model swapped for full-size Flux's."""
+    from trainer import sources
+    from trainer.config import parse
 
     cfg = parse({"pretrained_model": str(tiny / "model"), "dataset_dir": str(tiny / "data"),
-                 "vram": "none", "resolution": 512})
+                 "vram": vram, "resolution": 512})
     src = sources.resolve(cfg.pretrained_model)
     src.transformer.config = sources.shipped("flux", "transformer")  # plan the real model
+    return cfg, src
+
+
+def test_a_job_that_cannot_fit_its_gpu_fails_naming_the_tier_that_would(tiny, monkeypatch):
+    from trainer import memory
+    from trainer.train import TrainError
+
+    said = []
+    Rep = _reporter(said)
+    cfg, src = _full_size(tiny, "none")
     monkeypatch.setattr(memory, "free_gpu_bytes", lambda device: 20 * 2**30)
     with pytest.raises(TrainError, match='set train.vram = "24G"'):
         memory.choose_levers(cfg, src, str(tiny / "none"), "cuda", Rep())
@@ -213,8 +225,7 @@ def test_a_checkpoint_from_before_tiers_still_resumes(tiny):
 def test_a_placed_trainer_chooses_auto_for_the_room_fluxgymd_gave_it(tiny, monkeypatch):
     """The GPU reads 80 GiB free, but fluxgymd placed another job's 50 GiB plan there that
     has not allocated yet: the trainer takes the room it was given, not the reading."""
-    from trainer import memory, sources
-    from trainer.config import parse
+    from trainer import memory
 
     class Device:
         type, index = "cuda", 0
@@ -226,17 +237,6 @@ def test_a_placed_trainer_chooses_auto_for_the_room_fluxgymd_gave_it(tiny, monke
     assert memory.free_gpu_bytes("cpu") is None
 
     said = []
-
-    class Rep:
-        def say(self, text):
-            said.append(text)
-
-        def send(self, event, **fields):
-            said.append((event, fields))
-
-    cfg = parse({"pretrained_model": str(tiny / "model"), "dataset_dir": str(tiny / "data"),
-                 "vram": "auto", "resolution": 512})
-    src = sources.resolve(cfg.pretrained_model)
-    src.transformer.config = sources.shipped("flux", "transformer")
-    memory.choose_levers(cfg, src, str(tiny / "room"), Device(), Rep())
+    cfg, src = _full_size(tiny, "auto")
+    memory.choose_levers(cfg, src, str(tiny / "room"), Device(), _reporter(said)())
     assert said[-1][1]["free_bytes"] == 30 * 2**30 and said[-1][1]["tier"] == "24G"
