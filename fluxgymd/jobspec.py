@@ -26,6 +26,7 @@ SECTIONS = {
     "train": None,  # the trainer validates its own keys
     "kohya": None,  # the kohya kind validates its own keys
     "download": None,  # the download kind validates its own keys
+    "caption": None,  # the caption kind validates its own keys
     "watchdog": {name: (int, float) for name in LIMIT_NAMES},
     # this job's own sbatch settings over the daemon's [slurm]
     "slurm": {"partition": str, "gres": str, "time_limit": str, "signal_before_end_s": int,

@@ -40,7 +40,8 @@ def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
 
 def test_every_kind_the_job_files_accept_has_a_home():
     from fluxgymd import jobspec
-    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya", "download"}
+    assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya", "download",
+                                                "caption"}
     with pytest.raises(KeyError):
         kind_of({"kind": "slurm-magic"})
 

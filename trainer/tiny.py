@@ -119,18 +119,62 @@ def write_dataset(path: str, images: int = 8, size: int = 64) -> None:
             fh.write(f"a {shape} in colour {fg} on {bg}")
 
 
+def write_florence(path: str, seed: int = 0) -> None:
+    """A tiny random Florence-2 (transformers' own Florence2ForConditionalGeneration, a
+    shrunken Florence2Config) with a byte-level tokenizer and a 64-px image processor: what
+    a caption job loads, in a second. Its captions are gibberish, and deterministic."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import (BartConfig, BartTokenizerFast, CLIPImageProcessor,
+                              Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor)
+    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = BartTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", mask_token="<unk>",
+                                  extra_special_tokens={"image_token": "<image>"})
+    # 64 px through strides 4·2·2·2: 2×2 patches and one pooled token
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,
+                                image_seq_length=5)
+    processor = Florence2Processor(image_processor=images, tokenizer=tokenizer)
+    vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 16, 32, 32],
+                                   num_heads=[1, 1, 1, 1], num_groups=[1, 1, 1, 1],
+                                   projection_dim=32, window_size=2,
+                                   max_position_embeddings=16, max_temporal_embeddings=4)
+    text = BartConfig(vocab_size=len(processor.tokenizer), d_model=32, encoder_layers=1,
+                      decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=1100)
+    config = Florence2Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                             image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    Florence2ForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="where to write")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--dataset", action="store_true", help="write a dataset, not a model")
+    ap.add_argument("--florence", action="store_true",
+                    help="write a tiny Florence-2 captioner, not a Flux model")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--single-file", action="store_true",
                     help="write single files as FluxGym holds them, and print the [train] lines")
     args = ap.parse_args(argv)
     if args.dataset:
         write_dataset(args.path, args.images)
+    elif args.florence:
+        write_florence(args.path)
     elif args.single_file:
         print("[train]\n" + write_single_files(args.path, args.preset))
     else:

@@ -16,13 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import JobKind, OutputParser, Policy  # noqa: F401  (for the kinds' users)
+from .caption import CaptionKind
 from .command import CommandKind
 from .download import DownloadKind
 from .kohya import KohyaKind
 from .lora import LoraKind
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (CommandKind(), LoraKind(), KohyaKind(),
-                                                 DownloadKind())}
+                                                 DownloadKind(), CaptionKind())}
 
 
 def kind_of(job: dict[str, Any]) -> JobKind:
