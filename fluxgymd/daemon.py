@@ -12,7 +12,6 @@ import asyncio
 import collections
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -412,11 +411,6 @@ class Daemon(Runs, Stalls, Operations, Placing):
     def _transition(self, job_id: int, new: JobState, reason: str, **fields) -> dict:
         if new in FINISHED or new is S.QUEUED:
             fields.setdefault("phase", None)  # a phase belongs to a running attempt
-        if new in FINISHED or new is S.INTERRUPTED:
-            # its GPUs are free for others (where it ran stays: a requeued job goes back)
-            placed = self.store.get(job_id).get("placement")
-            if placed and placed.get("active"):
-                fields.setdefault("placement", json.dumps({**placed, "active": False}))
         job = self.store.transition(job_id, new, reason, **fields)
         log.info("job %s (%s): %s: %s", job_id, job["name"], new.value, reason,
                  extra={"job_id": job_id, "job_name": job["name"]})

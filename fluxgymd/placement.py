@@ -228,7 +228,8 @@ def decide(gpus: list[Gpu], placed: Iterable[Placed], queue: list[Waiting], slot
             continue
         pool = [u for u in book.gpus if (not need.pinned or u in need.pinned)]
         if need.pinned and len(pool) < len(need.pinned):
-            out.waits[w.job_id] = "its GPUs are not all in use = [...] or not seen now"
+            out.waits[w.job_id] = ("waits for a GPU it is pinned to that fluxgymd does not "
+                                   "hand out now (not seen, or left out by [gpus] use)")
             continue
         free_pool = [u for u in pool if u not in held]
         d = _try(book, need, free_pool, exclusive, choose)

@@ -13,16 +13,12 @@ from trainer import tiers
 from . import placement as policy
 from .gpus import count_of, inventory, need_of
 from .kinds import kind_of
-from .protocol import ErrorCode, FluxgymError
+from .protocol import TOPIC_STATE, ErrorCode, FluxgymError
 from .states import JobState
 
 log = logging.getLogger("fluxgymd")
 S = JobState
 QUEUE_WINDOW = 1000  # queued jobs one scheduling pass looks at
-
-
-def _choose(peaks: dict[str, int], room: int) -> tuple[str, str]:
-    return tiers.choose(peaks, room)
 
 
 class Placing:
@@ -64,14 +60,13 @@ class Placing:
         return need_of(spec, kind_of(spec).default_gpus, gpus, last)
 
     def _placed(self) -> list[policy.Placed]:
-        out = []
-        for job_id in [*self.runs, *self.recovering]:
-            p = self.store.get(job_id).get("placement") or {}
-            if p.get("gpus") and p.get("active"):
-                run = self.runs.get(job_id)
-                out.append(policy.Placed(job_id, tuple(p["gpus"]), p.get("bytes"),
-                                         allocated=bool(run is not None and run.stepped)))
-        return out
+        """What holds GPUs now: the running attempts, and the jobs waiting out a restart
+        backoff (they keep theirs)."""
+        held = [(job_id, run.placement, run.stepped) for job_id, run in self.runs.items()]
+        held += [(job_id, self.store.get(job_id).get("placement"), False)
+                 for job_id in self.recovering]
+        return [policy.Placed(job_id, tuple(p["gpus"]), p.get("bytes"), allocated=stepped)
+                for job_id, p, stepped in held if p and p.get("gpus")]
 
     def schedule(self) -> None:
         """Start what may start: priority, then first in first out, while slots are free,
@@ -102,7 +97,7 @@ class Placing:
                 unplaceable[job["id"]] = str(e)
         decided = policy.decide(gpus, self._placed(), waiting, slots,
                                 self.cfg.gpu_reserve_mib * policy.MiB,
-                                self.cfg.gpus_exclusive, _choose)
+                                self.cfg.gpus_exclusive, tiers.choose)
         changed = {**decided.waits, **unplaceable} != self.gpu_waits
         self.gpu_waits = {**decided.waits, **unplaceable}
         by_uuid = {g.uuid: g for g in gpus}
@@ -116,20 +111,14 @@ class Placing:
                 place = {"gpus": list(d.gpus), "indices": [by_uuid[u].index for u in d.gpus],
                          "names": [by_uuid[u].name for u in d.gpus], "bytes": d.bytes,
                          "tier": d.tier, "room": d.room, "shared": shared,
-                         "alone": bool((job.get("placement") or {}).get("alone")),
-                         "active": True}
+                         "alone": bool((job.get("placement") or {}).get("alone"))}
             self._start(job, place)
         if changed:
             for job_id in decided.waits:
                 if job_id in jobs:
-                    self._announce_wait(jobs[job_id])
+                    self._publish(TOPIC_STATE, self._view(jobs[job_id]))
         return bool(decided.start) and \
             len(self.runs) + len(self.recovering) < self.max_concurrent
-
-    def _announce_wait(self, job: dict[str, Any]) -> None:
-        from .protocol import TOPIC_STATE
-
-        self._publish(TOPIC_STATE, self._view(job))
 
     def _mark_sharing(self, uuids: tuple[str, ...]) -> bool:
         """A job goes onto these GPUs: every running job there now shares its GPU (an

@@ -132,8 +132,7 @@ class Runs:
         kind = kind_of(job)
         progress = _progress_of(job)  # what the no-progress breaker compares this attempt with
         if place is None and job["state"] == S.RECOVERING.value:
-            kept = job.get("placement") or {}
-            place = kept if kept.get("active") else None
+            place = job.get("placement") if (job.get("placement") or {}).get("gpus") else None
         # the step shown is this attempt's: until it reports one, where it resumes from
         job = self._transition(job_id, S.STARTING, f"attempt {attempt}", attempts=attempt,
                                started_at=job["started_at"] or time.time(), exit_code=None,

@@ -8,6 +8,7 @@ from .kinds import kind_of
 from .states import JobState as S
 
 ETA_WINDOW_S = 300.0
+HOLDS_GPUS = {S.STARTING.value, S.RUNNING.value, S.STALLED.value, S.RECOVERING.value}
 
 
 def pace_eta(pace, step: int | None, total: int | None, now: float) -> float | None:
@@ -45,6 +46,10 @@ def job_view(job: dict[str, Any], now: float | None = None, pace=None,
         eta = (total - step) * sps  # before the pace has a window: the last step's time
     view["eta_s"] = eta
     view["lora"] = kind_of(job).result(job)
+    if job.get("placement"):
+        # the GPUs are its own while an attempt (or its restart backoff) holds them; after,
+        # they say where it last ran (a requeued job goes back there)
+        view["placement"] = dict(job["placement"], active=job["state"] in HOLDS_GPUS)
     return view
 
 

@@ -2,6 +2,7 @@
 one, `trainer.tiny --florence`), real images in a dataset folder."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -41,14 +42,20 @@ def caption_job(root, name, data, model, **keys):
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _loaded(model_dir):
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    return (Florence2ForConditionalGeneration.from_pretrained(model_dir).eval(),
+            AutoProcessor.from_pretrained(model_dir))
+
+
 def decoded(model_dir, image_path, max_new_tokens):
     """What the processor decodes from generate on this one image, FluxGym's settings."""
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-    model = Florence2ForConditionalGeneration.from_pretrained(model_dir).eval()
-    proc = AutoProcessor.from_pretrained(model_dir)
+    model, proc = _loaded(str(model_dir))
     image = Image.open(image_path).convert("RGB")
     inputs = proc(text="<DETAILED_CAPTION>", images=image, return_tensors="pt")
     with torch.inference_mode():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import tomli_w
 
+from trainer.caption import IMAGE_EXTS, TASKS  # stdlib at import: the child's own lists
+
 from .base import JobKind
 
-TASKS = ("<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<CAPTION>")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # trainer.caption's
 KEYS = {"dataset_dir": str, "model": str, "task": str, "trigger_word": str, "overwrite": bool,
         "batch_size": int, "num_beams": int, "max_new_tokens": int}
 LIMITS = {"batch_size": (1, 256), "num_beams": (1, 16), "max_new_tokens": (1, 4096)}
