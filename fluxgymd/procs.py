@@ -117,7 +117,10 @@ def descendants(pid: int | None = None) -> list[int]:
 
 def with_cmdline(part: bytes) -> list[int]:
     """Live processes whose command line holds `part`, all alive together at the end of the
-    scan (reading /proc takes milliseconds, in which one may exit and another start)."""
+    scan (reading /proc takes milliseconds, in which one may exit and another start). A
+    child of one of them that holds it too is left out: between its fork and its exec (a
+    helper the program runs: ldconfig, a compiler probe) a child shows its parent's command
+    line, and is not a second instance."""
     found = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -129,7 +132,8 @@ def with_cmdline(part: bytes) -> list[int]:
         except OSError:
             continue
         found.append(int(p))
-    return [p for p in found if (st := _stat(p)) is not None and st[0] not in ("Z", "X")]
+    live = {p: st for p in found if (st := _stat(p)) is not None and st[0] not in ("Z", "X")}
+    return [p for p, st in live.items() if st[1] not in live]
 
 
 def token_of(pid: int) -> str | None:

@@ -338,3 +338,33 @@ def test_a_stop_during_restore_starts_nothing(daemon_factory, short_tmp):
     assert "job 1 (left): queued: requeued after fluxgymd restart" in d.logs()
     d.start()
     assert d.wait_state("left", "succeeded")["attempts"] == 2
+
+
+def test_a_fork_before_its_exec_is_not_counted_as_a_second_instance(tmp_path):
+    """Between fork and exec a helper a program runs shows the program's command line (the
+    trainer's ldconfig and compiler probes did, and a sampler saw "two trainers")."""
+    marker = f"fork-marker-{os.getpid()}".encode()
+    script = ("import os, sys, time\n"
+              "if os.fork() == 0:\n"
+              "    time.sleep(30); os._exit(0)\n"
+              "time.sleep(30)\n")
+    parent = subprocess.Popen([PY, "-c", script, marker.decode()])
+    try:
+        found = wait_until(lambda: len(
+            [p for p in os.listdir("/proc") if p.isdigit() and _holds(p, marker)]) == 2
+            and procs.with_cmdline(marker), 10, what="the parent and its fork")
+        assert found == [parent.pid]
+    finally:
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                    and (st := procs._stat(int(p))) is not None and st[1] == parent.pid]
+        for pid in children + [parent.pid]:
+            os.kill(pid, signal.SIGKILL)
+        parent.wait(10)
+
+
+def _holds(pid: str, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return marker in fh.read()
+    except OSError:
+        return False
