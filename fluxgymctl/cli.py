@@ -30,7 +30,7 @@ def _range(op: str, arg: str) -> click.IntRange:
 # --help): `fluxgymctl status` must not pay for the importer's or top's imports.
 LAZY = {
     "import": "importer:import_", "top": "top:top", "notify": "alerts:notify",
-    "models": "models:models",
+    "models": "models:models", "new": "flow:new", "publish": "flow:publish",
     **{name: f"queue:{name}" for name in ("remove", "clean", "pause", "resume", "move",
                                             "config")},
 }

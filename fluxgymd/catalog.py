@@ -19,7 +19,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 KEYS = {"description": str, "repo": str, "file": str, "files": list, "revision": str,
         "part": str, "needs": list, "base": str, "license": str, "license_name": str,
-        "license_link": str, "gated": bool, "size": int}
+        "license_link": str, "gated": bool, "size": int, "optional": list}
 
 
 class CatalogError(Exception):
@@ -41,6 +41,9 @@ class Model:
     gated: bool = False
     size: int | None = None
     description: str = ""
+    # files fetched when the repo has them and skipped when it has not (a model whose repos
+    # differ in their tokenizer or processor files); never needed for `present`
+    optional: tuple[str, ...] = ()
     origin: str = field(default="", compare=False)  # the file it was read from
 
     def folder(self, models_dir: Path) -> Path:
@@ -93,10 +96,16 @@ def entry(name: str, table: Any, origin: str) -> Model:
     files = table.get("files", [table["file"]] if isinstance(table.get("file"), str) else [])
     if "file" in table and "files" in table:
         problems.append("give file or files, not both")
-    if not files or not all(isinstance(f, str) and f and not f.startswith("/") and ".." not in
-                            f.split("/") and "*" not in f for f in files):
+    optional = table.get("optional", [])
+
+    def in_repo(f) -> bool:
+        return isinstance(f, str) and bool(f) and not f.startswith("/") and \
+            ".." not in f.split("/") and "*" not in f
+    if not files or not all(map(in_repo, files)):
         problems.append("file (or files) must name files in the repo, e.g. file = "
                         "\"flux1-dev.sft\"")
+    if not isinstance(optional, list) or not all(map(in_repo, optional)):
+        problems.append("optional must name files in the repo (fetched when it has them)")
     part = table.get("part", "")
     if part and part not in PARTS:
         problems.append(f"part must be one of {', '.join(PARTS)}")
@@ -110,7 +119,7 @@ def entry(name: str, table: Any, origin: str) -> Model:
                  license=table.get("license", ""), license_name=table.get("license_name", ""),
                  license_link=table.get("license_link", ""), gated=table.get("gated", False),
                  size=table.get("size"), description=table.get("description", ""),
-                 origin=origin)
+                 optional=tuple(optional) if isinstance(optional, list) else (), origin=origin)
 
 
 def load(extra: dict[str, Any] | None = None, path: Path | None = None) -> dict[str, Model]:

@@ -74,6 +74,7 @@ KEYS = [
     # ["DIR", { path = "DIR", python = "PY" }, ...]; environment: DIRs joined by ":"
     Key("kohya", "checkouts", list, []),
     Key("models", "dir", str, ""),
+    Key("caption", "model", str, "florence-2-large"),
     # "all", or [0, 1, "GPU-uuid", ...]; environment: "all" or "0,1"
     Key("gpus", "use", list, "all"),
     Key("gpus", "reserve_mib", int, 1024, minimum=0),
@@ -256,6 +257,7 @@ class Config:
     models_dir: Path = Path("models")
     models: dict = field(default_factory=dict)  # the catalog: name -> catalog.Model
     hub_token_file: str = ""
+    caption_model: str = "florence-2-large"  # a caption job's model when it names none
     gpus_use: tuple[str, ...] = ()  # indices or UUIDs; () = every GPU the probe sees
     gpu_reserve_mib: int = 1024
     gpus_exclusive: bool = False
@@ -323,6 +325,7 @@ def load(
         models=_catalog(from_file.get(("models", "*"), {})),
         hub_token_file=str(Path(values["hub.token_file"]).expanduser())
         if values["hub.token_file"] else "",
+        caption_model=values["caption.model"],
         gpus_use=values["gpus.use"] if isinstance(values["gpus.use"], tuple)
         else _gpu_use(values["gpus.use"], "gpus.use"),
         gpu_reserve_mib=values["gpus.reserve_mib"], gpus_exclusive=values["gpus.exclusive"],

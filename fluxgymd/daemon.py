@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from . import __version__, procs
 from .config import Config, ConfigError
+from .flow import Flow
 from .joblog import JobLog
 from .journal import Journal
 from .alerts import Alerts
@@ -69,7 +70,7 @@ RESTART_ONLY = ("state_dir", "runtime_dir", "outputs_dir", "journal", "journal_s
                 "gpu_probe", "executor", "slurm", "notify", "hooks", "web", "config_file")
 
 
-class Daemon(Runs, Stalls, Operations, Placing):
+class Daemon(Runs, Stalls, Operations, Placing, Flow):
     def __init__(self, cfg: Config, journal: Journal | None = None,
                  load_config: Callable[[], Config] | None = None):
         self.cfg = cfg
@@ -448,7 +449,7 @@ class Daemon(Runs, Stalls, Operations, Placing):
         view = job_view(job, now, run.pace if run is not None else None,
                         run.stepped if run is not None else False)
         view["after"] = [{"id": a["id"], "name": a["name"], "state": a["state"],
-                          "progress": job_view(a, now)["progress"]}
+                          "kind": a["kind"], "progress": job_view(a, now)["progress"]}
                          for a in self.store.after(job["id"])]
         view["waiting"] = waiting_for(view)
         if view["waiting"] is None and job["state"] == S.QUEUED.value:

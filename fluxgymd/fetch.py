@@ -223,14 +223,23 @@ def fetch(items: list[dict], rep, token: str | None) -> None:
     from huggingface_hub.utils import build_hf_headers
 
     rep.phase("downloading", f"{len(items)} file(s)")
-    metas = []
+    from huggingface_hub.errors import EntryNotFoundError
+
+    metas, found = [], []
     for item in items:  # HEAD first: the sizes, and any refusal, before the first byte
         try:
             metas.append(get_hf_file_metadata(hf_hub_url(item["repo"], item["file"],
                                                          revision=item["revision"]),
                                               token=token))
+            found.append(item)
+        except EntryNotFoundError:
+            if not item.get("optional"):
+                raise Fatal(f"{item['repo']} has no file {item['file']} (revision "
+                            f"{item['revision']}); check the catalog entry") from None
+            rep.say(f"{item['repo']} has no {item['file']} (optional): skipped")
         except Exception as e:  # noqa: BLE001 - mapped to what to do, or re-raised
             raise _hub_error(e, item, bool(token)) from None
+    items = found
     todo = [(item, meta) for item, meta in zip(items, metas)
             if not os.path.isfile(os.path.join(item["dir"], item["file"]))]
     need = sum((meta.size or 0) - _size(_part(item, meta.etag or "")) for item, meta in todo)

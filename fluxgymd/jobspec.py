@@ -27,6 +27,8 @@ SECTIONS = {
     "kohya": None,  # the kohya kind validates its own keys
     "download": None,  # the download kind validates its own keys
     "caption": None,  # the caption kind validates its own keys
+    # the publish kind's own keys; on a lora or kohya job, the publish job chained after it
+    "publish": None,
     "watchdog": {name: (int, float) for name in LIMIT_NAMES},
     # this job's own sbatch settings over the daemon's [slurm]
     "slurm": {"partition": str, "gres": str, "time_limit": str, "signal_before_end_s": int,
@@ -213,7 +215,13 @@ def _validate(data: dict, base: Path, errors: list[str], name_override: str,
     if kind in KINDS:
         own = KINDS[kind].section
         spec[own] = KINDS[kind].validate(data.get(own), base, errors, policy)
-        for other in {k.section for k in KINDS.values()} - {own}:
+        chained = set()
+        if "publish" in data and own != "publish" and KINDS[kind].makes_lora:
+            from .kinds.publish import chain_section
+
+            spec["publish"] = chain_section(data["publish"], errors)
+            chained.add("publish")
+        for other in {k.section for k in KINDS.values()} - {own} - chained:
             if other in data:
                 users = [k.name for k in KINDS.values() if k.section == other]
                 errors.append(f"[{other}] is only for kind = \"{users[0]}\" jobs")

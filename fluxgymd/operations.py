@@ -39,7 +39,7 @@ class Operations:
             "resume": self.op_resume, "move": self.op_move, "config": self.op_config,
             "notify_test": self.op_notify_test, "gpus": self.op_gpus,
             "web_url": self.op_web_url, "models": self.op_models, "pull": self.op_pull,
-            "models_rm": self.op_models_rm,
+            "models_rm": self.op_models_rm, "publish": self.op_publish, "new": self.op_new,
         }
 
     def _find(self, ref: str) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class Operations:
                       kohya_checkouts=cfg.kohya_checkouts,
                       kohya_save_every_n_steps=cfg.kohya_save_every_n_steps,
                       config_file=str(cfg.config_file or ""), models=cfg.models,
-                      models_dir=str(cfg.models_dir))
+                      models_dir=str(cfg.models_dir), caption_model=cfg.caption_model)
 
     def _refused(self, spec: dict[str, Any]) -> str | None:
         """Why this fluxgymd may not run the job (now), or None."""
@@ -111,6 +111,14 @@ class Operations:
             raise FluxgymError(ErrorCode.INVALID_STATE, "fluxgymd is stopping; submit again "
                                "once it has restarted")
         more = list(args["after"] or [])
+        # what it names of other jobs (a publish job's LoRA job): found now, waited for
+        more += [str(j["id"]) for j in kind_of(spec).bind(spec, self.store.find, kind_of,
+                                                          self._policy())]
+        publish = spec.get("publish") if spec["kind"] != "publish" else None
+        if publish and self._taken(f"{spec['name']}-publish"):
+            raise FluxgymError(ErrorCode.CONFLICT, f"[publish] chains a job named "
+                               f"{spec['name']}-publish after this one, and that name is "
+                               "taken; remove that job, or submit this one under another name")
         needed = kind_of(spec).models_needed(spec, self._policy())
         if needed:
             # its model is fetched first, by one download job it waits for (shared with any
@@ -138,9 +146,18 @@ class Operations:
             if dep["state"] in (S.FAILED.value, S.CANCELLED.value):
                 self._fail_dependents(dep)
                 break
+        chained = None
+        if publish:  # [publish] on a lora or kohya job: its publish job, waiting for it
+            text = tomli_w.dumps({"job": {"name": f"{job['name']}-publish", "kind": "publish",
+                                          "description": f"publishes {job['name']}"},
+                                  "publish": {**publish, "job": str(job["id"])}})
+            chained = await self.op_submit({"text": text, "source": "", "name": "",
+                                            "priority": args["priority"], "after": None})
         self.schedule()
         view = self._view(self.store.get(job["id"]))
         view["warnings"] = spec["warnings"]
+        if chained:
+            view["chained"] = [chained]
         return view
 
     def _dependencies(self, spec: dict[str, Any], more: list[str]) -> list[dict[str, Any]]:
@@ -166,6 +183,7 @@ class Operations:
         out = []
         for m in sorted(self.cfg.models.values(), key=lambda m: m.name):
             out.append({"name": m.name, "repo": m.repo, "files": list(m.files),
+                        "optional": list(m.optional),
                         "part": m.part, "needs": list(m.needs), "size": m.size,
                         "gated": m.gated, "license": m.license, "base": m.base,
                         "description": m.description, "present": m.present(root),

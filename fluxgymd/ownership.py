@@ -48,7 +48,7 @@ def claim(folder: Path, store_id: str, job_id: int, spec: dict[str, Any]) -> Non
     owner = read_owner(folder)
     if owner is not None and owner.get("store") == store_id and owner.get("job") == job_id:
         return
-    if any(os.scandir(folder)):
+    if any(os.scandir(folder)) and not _prepared_for(folder, spec.get("name")):
         raise FluxgymError(
             ErrorCode.CONFLICT,
             f"the output folder {folder} {_describe(owner, store_id)}; a new job never reuses "
@@ -56,6 +56,19 @@ def claim(folder: Path, store_id: str, job_id: int, spec: dict[str, Any]) -> Non
             "name (submit --name NEW), or move that folder aside",
         )
     write_owner(folder, store_id, job_id, spec)
+
+
+DATASET = "dataset"  # the photos `fluxgymctl new` copies, inside the LoRA job's own folder
+DATASET_MARKER = ".fluxgymd-dataset"  # names the job a prepared dataset folder is for
+
+
+def _prepared_for(folder: Path, name: Any) -> bool:
+    """The folder holds only the dataset `fluxgymctl new` copied for a job of this name."""
+    try:
+        marker = (folder / DATASET / DATASET_MARKER).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return marker == name and [e.name for e in os.scandir(folder)] == [DATASET]
 
 
 def write_owner(folder: Path, store_id: str, job_id: int, spec: dict[str, Any]) -> None:

@@ -105,6 +105,36 @@ OPS: dict[str, dict[str, Arg]] = {
         # jobs (ids or names) it waits for, besides the job file's [job] after
         "after": Arg(list, default=None, items=str),
     },
+    # a publish job for a lora or kohya job's LoRA (kinds/publish.py)
+    "publish": {"job": _JOB, "repo": Arg(str, required=True), "private": Arg(bool, default=False),
+                "samples": Arg(bool, default=True), "name": Arg(str, default=""),
+                "priority": Arg(int, default=0, minimum=PRIORITY_RANGE[0],
+                                maximum=PRIORITY_RANGE[1])},
+    # a folder of photos to a chain of jobs: download, caption, train, publish (flow.py)
+    "new": {
+        "name": Arg(str, required=True),
+        "images": Arg(str, required=True),  # a folder on the daemon's machine
+        "trigger": Arg(str, default=""),
+        "base": Arg(str, default="flux-dev"),  # a catalog name
+        "vram": Arg(str, default="auto", choices=("auto", "none", "24G", "16G", "12G", "8G")),
+        "caption": Arg(bool, default=False),
+        "caption_model": Arg(str, default=""),  # default: [caption] model
+        "epochs": Arg(int, default=16, minimum=1, maximum=100_000),
+        "steps": Arg(int, default=0, minimum=0, maximum=10_000_000),  # wins over epochs
+        "repeats": Arg(int, default=10, minimum=1, maximum=10_000),
+        "lr": Arg((int, float), default=8e-4),
+        "rank": Arg(int, default=4, minimum=1, maximum=1024),
+        "resolution": Arg(int, default=512, minimum=64, maximum=4096),
+        "seed": Arg(int, default=42, minimum=0, maximum=2**32 - 1),
+        "samples": Arg(list, default=None, items=str),  # sample prompts
+        "sample_every": Arg(int, default=0, minimum=0, maximum=10_000_000),
+        "publish": Arg(str, default=""),  # OWNER/REPO
+        "private": Arg(bool, default=False),
+        "resize": Arg(int, default=0, minimum=0, maximum=16384),  # longer side, px
+        "set": Arg(list, default=None, items=str),  # more [train] keys, "KEY=VALUE"
+        "dry_run": Arg(bool, default=False),
+        "priority": Arg(int, default=0, minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
+    },
     "list": {"all": Arg(bool, default=True), "states": _STATES},
     "show": {"job": _JOB, "events": Arg(int, default=50, minimum=0, maximum=100_000)},
     "cancel": {"job": _JOB},

@@ -210,7 +210,7 @@ def backoff(limits: Limits, restarts_done: int) -> float:
 
 
 # The children of ours that speak the contract, by the word their lines start with.
-VOICES = ("trainer: ", "fetch: ", "caption: ")
+VOICES = ("trainer: ", "fetch: ", "caption: ", "publish: ")
 
 
 def trainer_message(tail: str) -> str:

@@ -41,7 +41,7 @@ def test_a_lora_job_runs_the_trainer_on_the_validated_job_file(tmp_path):
 def test_every_kind_the_job_files_accept_has_a_home():
     from fluxgymd import jobspec
     assert set(jobspec.KINDS) == set(KINDS) == {"command", "lora", "kohya", "download",
-                                                "caption"}
+                                                "caption", "publish"}
     with pytest.raises(KeyError):
         kind_of({"kind": "slurm-magic"})
 
@@ -78,3 +78,42 @@ def test_a_download_job_resolves_catalog_names_and_what_they_need(tmp_path):
         errors = []
         KINDS["download"].validate(section, tmp_path, errors, policy)
         assert any(why in e for e in errors), (section, errors)
+
+
+def test_publish_tables_are_checked_and_chain_only_after_a_lora(tmp_path):
+    from fluxgymd import jobspec
+    from fluxgymd.protocol import FluxgymError
+
+    ok = jobspec.parse('[job]\nname = "p"\nkind = "publish"\n[publish]\njob = "x"\n'
+                       'repo = "alice/my-lora"\nprivate = true\n')
+    assert ok["publish"] == {"job": "x", "repo": "alice/my-lora", "private": True}
+    with pytest.raises(FluxgymError) as e:
+        jobspec.parse('[job]\nname = "p"\nkind = "publish"\n[publish]\nrepo = "a/../b"\n'
+                      'privat = 1\n')
+    for words in ("missing publish.job", "is not a Hub repo id", "unknown key publish.privat"):
+        assert words in e.value.message, e.value.message
+    with pytest.raises(FluxgymError) as e:  # a download makes no LoRA to publish
+        jobspec.parse('[job]\nname = "d"\nkind = "download"\n[download]\nrepo = "a/b"\n'
+                      'files = ["x"]\n[publish]\nrepo = "alice/b"\n')
+    assert '[publish] is only for kind = "publish" jobs' in e.value.message
+
+
+def test_optional_catalog_files_are_fetched_when_there_and_never_waited_for(tmp_path):
+    from fluxgymd import catalog
+    from fluxgymd.kinds import Policy
+
+    models = catalog.load({"cap": {"repo": "a/cap", "files": ["config.json"],
+                                   "optional": ["vocab.json"]}})
+    assert models["florence-2-large"].optional  # the shipped captioner has some
+    policy = Policy(models=models, models_dir=str(tmp_path))
+    errors: list[str] = []
+    spec = KINDS["download"].validate({"models": ["cap"]}, tmp_path, errors, policy)
+    assert errors == [] and [(f["file"], f.get("optional", False)) for f in spec["files"]] == \
+        [("config.json", False), ("vocab.json", True)]
+    job = {"spec": {"download": spec}}
+    assert not KINDS["download"].finished(job)
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "config.json").write_text("{}")
+    assert KINDS["download"].finished(job) and models["cap"].present(tmp_path)
+    with pytest.raises(catalog.CatalogError, match="optional must name files"):
+        catalog.load({"bad": {"repo": "a/b", "file": "x", "optional": ["../y"]}})

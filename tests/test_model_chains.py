@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fluxgymd.testing import wait_until
-from hubstandin import Hub
+from hubstandin import Hub, serve_tiny_flux
 from tests.conftest import FAST
 from tinylora import assert_identical, job_file, lora
 
@@ -23,21 +23,7 @@ from tinylora import assert_identical, job_file, lora
 def hub(tiny_single):
     """The tiny model's single files as catalog entries on the Hub stand-in."""
     h = Hub()
-    parts = {"pretrained_model": "tiny-flux", "ae": "tiny-ae", "clip_l": "tiny-clip",
-             "t5xxl": "tiny-t5"}
-    entries = {}
-    for key, name in parts.items():
-        path = Path(tiny_single[key])
-        h.add(f"acme/{name}", path.name, path.read_bytes())
-        entries[name] = {"repo": f"acme/{name}", "file": path.name,
-                         "part": "transformer" if key == "pretrained_model" else key}
-    tok = Path(tiny_single["tokenizers"])
-    files = sorted(str(p.relative_to(tok)) for p in tok.rglob("*") if p.is_file())
-    for f in files:
-        h.add("acme/tiny-tok", f, (tok / f).read_bytes())
-    entries["tiny-tok"] = {"repo": "acme/tiny-tok", "files": files, "part": "tokenizers"}
-    entries["tiny-flux"]["needs"] = ["tiny-ae", "tiny-clip", "tiny-t5", "tiny-tok"]
-    h.entries = entries
+    h.entries = serve_tiny_flux(h, tiny_single)
     yield h.start()
     h.stop()
 

@@ -2,6 +2,7 @@
 tests `kind ==` itself.
 
 - validate: the kind's section of a job file, checked at submit (every mistake collected);
+- bind: what it names of other jobs, resolved at submit (a publish job's LoRA job);
 - refusals: what it would run that this fluxgymd's Policy does not allow (checked before
   `check`, which may itself run code: sd-scripts' parser);
 - check: what can only be checked against the machine (files, the trainer's own parser);
@@ -21,9 +22,10 @@ from .command import CommandKind
 from .download import DownloadKind
 from .kohya import KohyaKind
 from .lora import LoraKind
+from .publish import PublishKind
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (CommandKind(), LoraKind(), KohyaKind(),
-                                                 DownloadKind(), CaptionKind())}
+                                                 DownloadKind(), CaptionKind(), PublishKind())}
 
 
 def kind_of(job: dict[str, Any]) -> JobKind:

@@ -25,6 +25,7 @@ class Policy:
     config_file: str = ""  # where an administrator changes this, for the advice
     models: Any = None  # the model catalog: {name: catalog.Model}
     models_dir: str = ""  # where pulled models go (<dir>/<name>/<file>)
+    caption_model: str = ""  # a caption job's model when it names none ([caption] model)
 
     @property
     def where(self) -> str:
@@ -47,6 +48,7 @@ class JobKind:
     hub_token = False  # its child gets the Hub token ([hub] token_file, HF_TOKEN); no other does
     local_only = False  # always on this machine, whatever the executor (a download: the
     #                     token never goes into a cluster's job environment)
+    makes_lora = False  # its result is a LoRA: a publish job may publish it ([publish])
 
     def validate(self, section: Any, base: Path, errors: list[str],
                  policy: Policy) -> dict[str, Any]:
@@ -62,6 +64,14 @@ class JobKind:
     def models_needed(self, spec: dict[str, Any], policy: Policy) -> list[str]:
         """Catalog models the job names that are not on disk: a download job fetches them
         and the job waits for it."""
+        return []
+
+    def bind(self, spec: dict[str, Any], find: Callable[[str], dict[str, Any]],
+             kind_of: Callable[[dict[str, Any]], "JobKind"],
+             policy: Policy) -> list[dict[str, Any]]:
+        """At submit, once the file is valid: resolve what the job names of other jobs
+        (`find(ref)` gives a stored job or raises; `kind_of(job)` its kind), put what it
+        needs of them in the spec, and return the jobs it must wait for."""
         return []
 
     def check(self, spec: dict[str, Any], outputs_dir: str) -> tuple[list[str], list[str]]:
@@ -80,6 +90,10 @@ class JobKind:
 
     def result(self, job: dict[str, Any]) -> str | None:
         """The file a finished job produced, once it exists."""
+        return None
+
+    def lora_path(self, job: dict[str, Any]) -> str | None:
+        """Where its LoRA will be once it has finished (kinds that make one)."""
         return None
 
     def sample_dir(self, job: dict[str, Any]) -> Path | None:

@@ -46,9 +46,13 @@ class CaptionKind(JobKind):
                 errors.append(f"caption.{key} must be {low} to {high}, got {out[key]}")
         if "task" in out and out["task"] not in TASKS:
             errors.append(f"caption.task {out['task']!r:.40} is not one of {', '.join(TASKS)}")
-        for key in ("dataset_dir", "model"):
-            if key not in section:
-                errors.append(f"missing caption.{key}")
+        if "dataset_dir" not in section:
+            errors.append("missing caption.dataset_dir")
+        if "model" not in section:
+            if not policy.caption_model:
+                errors.append("missing caption.model (and no [caption] model in fluxgymd.toml)")
+            else:
+                out["model"] = policy.caption_model
         if "dataset_dir" in out:
             folder = (base / out["dataset_dir"]).resolve()
             out["dataset_dir"] = str(folder)

@@ -55,6 +55,9 @@ class DownloadKind(JobKind):
                 items += [{"model": m.name, "repo": m.repo, "file": f, "revision": m.revision,
                            "dir": str(m.folder(models_dir)), "gated": m.gated}
                           for f in m.files]
+                items += [{"model": m.name, "repo": m.repo, "file": f, "revision": m.revision,
+                           "dir": str(m.folder(models_dir)), "gated": m.gated,
+                           "optional": True} for f in m.optional if f not in m.files]
         elif "repo" in section:
             from ..catalog import entry, CatalogError
 
@@ -86,8 +89,9 @@ class DownloadKind(JobKind):
                 {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, None)
 
     def finished(self, job):
+        # an optional file the repo lacks never comes: what is needed is there
         return all((Path(f["dir"]) / f["file"]).is_file()
-                   for f in job["spec"]["download"]["files"])
+                   for f in job["spec"]["download"]["files"] if not f.get("optional"))
 
     def result(self, job):
         files = job["spec"]["download"]["files"]

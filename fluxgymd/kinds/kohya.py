@@ -209,6 +209,7 @@ class KohyaKind(JobKind):
     name = section = "kohya"
     default_gpus = 1
     speaks_contract = True  # judged by the steps and phases read from its output
+    makes_lora = True
 
     def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):
@@ -380,11 +381,12 @@ class KohyaKind(JobKind):
     def sample_dir(self, job):
         return Path(job["output_dir"]) / "sample"  # <name>_000120_00_<time>.png
 
-    def result(self, job):
-        if not self.finished(job):
-            return None
+    def lora_path(self, job):
         return os.path.join(job["output_dir"],
                             output_name(job) + model_ext(job["spec"]["kohya"]["args"]))
+
+    def result(self, job):
+        return self.lora_path(job) if self.finished(job) else None
 
 
 class KohyaOutput:

@@ -59,6 +59,7 @@ class LoraKind(JobKind):
     section = "train"
     speaks_contract = True
     default_gpus = 1
+    makes_lora = True
 
     def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):
@@ -103,6 +104,9 @@ class LoraKind(JobKind):
         job_file.write_text(tomli_w.dumps(doc), encoding="utf-8")
         return [sys.executable, "-m", "trainer", str(job_file), "--output-dir", str(out)], {}, None
 
+    def lora_path(self, job):
+        return str(Path(job["output_dir"]) / f"{job['name']}.safetensors")
+
     def result(self, job):
-        path = Path(job["output_dir"]) / f"{job['name']}.safetensors"
-        return str(path) if path.is_file() else None
+        path = self.lora_path(job)
+        return path if os.path.isfile(path) else None
