@@ -31,6 +31,7 @@ def _range(op: str, arg: str) -> click.IntRange:
 LAZY = {
     "import": "importer:import_", "top": "top:top", "notify": "alerts:notify",
     "models": "models:models", "new": "flow:new", "publish": "flow:publish",
+    "save-now": "control:save_now", "sample-now": "control:sample_now",
     **{name: f"queue:{name}" for name in ("remove", "clean", "pause", "resume", "move",
                                             "config")},
 }

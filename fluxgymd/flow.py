@@ -86,6 +86,32 @@ class Flow:
             name = f"{stem}-{n}"
         return name
 
+    def op_control(self, args) -> dict[str, Any]:
+        """save-now / sample-now: a request the running trainer takes at its next step
+        boundary (trainer.contract.ask: a file in its folder, so it reaches a Slurm node)."""
+        from trainer.contract import ask
+
+        from .kinds import kind_of
+
+        job, action = self._find(args["job"]), args["action"]
+        why = kind_of(job).control_refused(job, action)
+        if why is None and job["state"] != "running":
+            why = f"it is {job['state']}; {action}-now reaches a running job"
+        if why is not None:
+            raise FluxgymError(ErrorCode.INVALID_STATE, f"job {job['id']} ({job['name']}) "
+                               f"cannot {action} now: {why}")
+        try:
+            ask(job["output_dir"], action)
+        except OSError as e:
+            raise FluxgymError(ErrorCode.INVALID_STATE, f"cannot leave the request in "
+                               f"{job['output_dir']}: {e.strerror or e}") from None
+        run = self.runs.get(job["id"])
+        if run is not None:
+            run.log.write([f"=== fluxgymd: {action} now requested at step {job['step']} ==="])
+        log.info("job %s (%s): %s now requested", job["id"], job["name"], action,
+                 extra={"job_id": job["id"], "job_name": job["name"]})
+        return {**self._view(job), "requested": action}
+
     async def op_publish(self, args) -> dict[str, Any]:
         """A publish job for a finished (or queued, or running) lora or kohya job."""
         source = self._find(args["job"])

@@ -105,6 +105,8 @@ OPS: dict[str, dict[str, Arg]] = {
         # jobs (ids or names) it waits for, besides the job file's [job] after
         "after": Arg(list, default=None, items=str),
     },
+    # save-now / sample-now: a request the running trainer takes at its next step boundary
+    "control": {"job": _JOB, "action": Arg(str, required=True, choices=("save", "sample"))},
     # a publish job for a lora or kohya job's LoRA (kinds/publish.py)
     "publish": {"job": _JOB, "repo": Arg(str, required=True), "private": Arg(bool, default=False),
                 "samples": Arg(bool, default=True), "name": Arg(str, default=""),

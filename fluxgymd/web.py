@@ -1,13 +1,14 @@
 """The dashboard, served by fluxgymd itself on its own asyncio loop (aiohttp): the page, a JSON
 API over the daemon's own operations, a server-sent events stream fed by the same publish
-that feeds the events socket, the samples and logs by job and file name, and a Prometheus
-text endpoint. Off unless `[web] listen` (or `fluxgymd --web HOST:PORT`) is set.
+that feeds the events socket, the samples and logs by job and file name, the finished LoRA
+by job (a download), and a Prometheus text endpoint. Off unless `[web] listen` (or `fluxgymd --web HOST:PORT`) is set.
 
 Access: every request needs the token (kept in a file only the service user reads; `fluxgymctl
 web-url` prints the login URL) unless it comes over loopback and `trust_loopback` is on.
 The token arrives as `?token=` once (then a cookie, HttpOnly, SameSite=Strict), or as an
-`Authorization: Bearer` header. Actions (cancel, retry, submit) need the token always, in the
-`X-Fluxgymd-Token` header, which a cross-site form cannot send.
+`Authorization: Bearer` header. Actions (cancel, retry, submit, save-now, sample-now,
+publish) need the token always, in the `X-Fluxgymd-Token` header, which a cross-site form
+cannot send.
 """
 from __future__ import annotations
 
@@ -91,8 +92,12 @@ class Web:
         r.add_get("/api/jobs/{job}/log", self.log)
         r.add_get("/api/jobs/{job}/samples", self.samples)
         r.add_get("/api/jobs/{job}/samples/{name}", self.sample)
+        r.add_get("/api/jobs/{job}/lora", self.lora)
         r.add_post("/api/jobs/{job}/cancel", self.cancel)
         r.add_post("/api/jobs/{job}/retry", self.retry)
+        r.add_post("/api/jobs/{job}/save-now", self.save_now)
+        r.add_post("/api/jobs/{job}/sample-now", self.sample_now)
+        r.add_post("/api/jobs/{job}/publish", self.publish_job)
         r.add_post("/api/submit", self.submit)
         r.add_get("/api/gpus", self.gpus)
         r.add_get("/api/events", self.events)
@@ -267,6 +272,41 @@ class Web:
         if path.parent != folder.resolve() or not path.is_file():
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers={"Cache-Control": "max-age=86400"})
+
+    async def lora(self, request: web.Request) -> web.StreamResponse:
+        """The finished LoRA, by job only (its kind says which file), as a download."""
+        try:
+            job = self.find(request.match_info["job"])
+        except FluxgymError as e:
+            return self._error(e)
+        path = kind_of(job).result(job) if kind_of(job).makes_lora else None
+        if path is None or not os.path.isfile(path):
+            return web.json_response({"error": f"job {job['id']} ({job['name']}) has no "
+                                      f"finished LoRA ({job['state']})"}, status=404)
+        name = os.path.basename(path)
+        return web.FileResponse(path, headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Content-Type": "application/octet-stream", "Cache-Control": "no-store"})
+
+    async def save_now(self, request: web.Request) -> web.Response:
+        return await self._op(self.ops["control"], job=request.match_info["job"], action="save")
+
+    async def sample_now(self, request: web.Request) -> web.Response:
+        return await self._op(self.ops["control"], job=request.match_info["job"],
+                              action="sample")
+
+    async def publish_job(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("repo"), str) or \
+                not isinstance(body.get("private", False), bool):
+            return web.json_response({"error": "send {\"repo\": \"OWNER/NAME\", "
+                                      "\"private\": false}"}, status=400)
+        return await self._op(self.ops["publish"], job=request.match_info["job"],
+                              repo=body["repo"], private=body.get("private", False),
+                              samples=True, name="", priority=0)
 
     async def cancel(self, request: web.Request) -> web.Response:
         return await self._op(self.ops["cancel"], job=request.match_info["job"])

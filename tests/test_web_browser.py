@@ -58,15 +58,22 @@ def browser(tmp_path):
     driver.quit()
 
 
-def screenshot(driver, path: Path) -> None:
+def screenshot(driver, path: Path, width: int = SIZE[0]) -> None:
     from PIL import Image, ImageStat
     want = tuple(driver.execute_script(
         "return [innerWidth * devicePixelRatio, innerHeight * devicePixelRatio]"))
     driver.save_screenshot(str(path))
     with Image.open(path) as img:
-        assert img.size == want and img.size[0] == SIZE[0], (img.size, want)
+        assert img.size == want and img.size[0] == width, (img.size, want)
         spread = ImageStat.Stat(img.convert("L")).stddev[0]
         assert spread > 5, f"{path} looks blank (stddev {spread:.1f})"
+
+
+def _get(url: str, token: str):
+    import urllib.request
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, r.read(), dict(r.headers)
 
 
 def lora_job(where: Path, tiny: Path) -> Path:
@@ -90,7 +97,7 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     d = daemon_factory(**FAST, web__listen="127.0.0.1:0",
                        watchdog__gpu_probe=f"file:{probe}").start()
     url = d.ctl("web-url", check=True).stdout.strip()
-    base = url.split("/?token=")[0]
+    base, token = url.split("/?token=")
 
     # no token: refused, and the page says how to get in
     browser.get(base + "/")
@@ -127,6 +134,17 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     steps = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .step b")]
     assert steps == ["step 30", "step 15"]  # newest first
     assert "finished" in browser.find_element(By.ID, "log").text
+    # a constant learning rate: its axis starts at 0, never below
+    lr_range = browser.execute_script(
+        "return document.getElementById('chart').layout.yaxis2.range")
+    assert lr_range[0] == 0 and lr_range[1] > 8e-4, lr_range  # the lr (8e-4) is on it
+    # the finished LoRA is a download, by job only, bit for bit the file on disk
+    link = wait_until(lambda: browser.find_elements(By.ID, "download-lora"), 10,
+                      what="the download link")[0]
+    status, body, headers = _get(link.get_attribute("href"), token)
+    lora_file = Path(d.job("web-lora")["output_dir"]) / "web-lora.safetensors"
+    assert status == 200 and body == lora_file.read_bytes()
+    assert headers["Content-Disposition"] == 'attachment; filename="web-lora.safetensors"'
     screenshot(browser, tmp_path / "dashboard.png")
     browser.find_element(By.CSS_SELECTOR, "#gallery img").click()  # the full-size view
     assert browser.find_element(By.ID, "viewer").is_displayed()
@@ -151,4 +169,15 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     wait_until(lambda: row_state() == "cancelled", 10, what="the page to show cancelled")
     time.sleep(0.2)
     screenshot(browser, tmp_path / "cancelled.png")
+
+    # a phone (390 px): the table keeps name, state and progress
+    browser.set_window_size(390, 844)
+    wait_until(lambda: browser.execute_script("return innerWidth") <= 390, 10,
+               what="the narrow window")
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#jobs thead th')]"
+        ".filter(th => getComputedStyle(th).display !== 'none').map(th => th.textContent)")
+    assert shown == ["name", "state", "progress"], shown
+    width = browser.execute_script("return innerWidth * devicePixelRatio")
+    screenshot(browser, tmp_path / "phone.png", width)
     print(f"screenshots in {tmp_path}")

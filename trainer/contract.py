@@ -20,6 +20,34 @@ import time
 from typing import Any
 
 EXIT_INTERRUPTED = 75
+# Requests from the daemon to a running trainer ("save now", "sample now"): an empty file per
+# request in <output dir>/.control/, put there atomically by the daemon and taken (unlinked)
+# by the trainer at its next step boundary. A file, not a signal: it reaches a trainer on a
+# Slurm node through the shared filesystem as well, and costs a stat per step.
+CONTROL_DIR = ".control"
+CONTROLS = ("save", "sample")
+
+
+def ask(output_dir: str, action: str) -> None:
+    """Leave a request for the trainer of this output folder."""
+    folder = os.path.join(output_dir, CONTROL_DIR)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{action}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(f"{time.time():.3f}\n")
+    os.replace(tmp, os.path.join(folder, action))
+
+
+def take(output_dir: str) -> list[str]:
+    """The requests waiting for this trainer, each taken once."""
+    taken = []
+    for action in CONTROLS:
+        try:
+            os.unlink(os.path.join(output_dir, CONTROL_DIR, action))
+            taken.append(action)
+        except FileNotFoundError:
+            pass
+    return taken
 
 
 class StopNow(BaseException):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import checkpoint as ckpt
 from .config import PATH_KEYS, TrainConfig, TrainError, lora_targets
 from .tiers import TIERS
-from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow
+from .contract import EXIT_INTERRUPTED, Reporter, Stop, StopNow, take as take_requests
 from .data import (assign_bucket, buckets, dataset_hash, epoch_batches, max_caption_chars,
                    scan)
 
@@ -326,6 +326,19 @@ def _run(cfg: TrainConfig, name: str, out: str, fresh: bool, stop: Stop, rep: Re
             rep.send("phase", phase="training")  # back to steps: the step limit applies again
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and not stop:
             save_sample(step)
+        for action in take_requests(out):  # `fluxgymctl save-now` / `sample-now`
+            if action == "save" and step > last_saved:
+                rep.say(f"save now (asked by fluxgymd) at step {step}")
+                save_checkpoint(step)
+                last_saved = step
+                rep.send("phase", phase="training")
+            elif action == "save":
+                rep.say(f"save now: the checkpoint at step {step} is already saved")
+            elif action == "sample" and cfg.sample_prompts and not stop:
+                rep.say(f"sample now (asked by fluxgymd) at step {step}")
+                save_sample(step)
+            elif action == "sample":
+                rep.say("sample now: this job has no sample_prompts; nothing drawn")
 
     if step < p.total_steps:  # stopped by a signal, at a step boundary
         if step > last_saved or not ckpt.complete(ckpt_root):

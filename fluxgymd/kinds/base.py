@@ -49,6 +49,8 @@ class JobKind:
     local_only = False  # always on this machine, whatever the executor (a download: the
     #                     token never goes into a cluster's job environment)
     makes_lora = False  # its result is a LoRA: a publish job may publish it ([publish])
+    controls: tuple[str, ...] = ()  # requests its running child takes at a step boundary
+    #                                  (trainer.contract: "save", "sample")
 
     def validate(self, section: Any, base: Path, errors: list[str],
                  policy: Policy) -> dict[str, Any]:
@@ -90,6 +92,12 @@ class JobKind:
 
     def result(self, job: dict[str, Any]) -> str | None:
         """The file a finished job produced, once it exists."""
+        return None
+
+    def control_refused(self, job: dict[str, Any], action: str) -> str | None:
+        """Why its running child cannot take this request (save-now, sample-now), or None."""
+        if action not in self.controls:
+            return f"a {self.name} job does not take {action}-now requests"
         return None
 
     def lora_path(self, job: dict[str, Any]) -> str | None:

@@ -60,6 +60,12 @@ class LoraKind(JobKind):
     speaks_contract = True
     default_gpus = 1
     makes_lora = True
+    controls = ("save", "sample")
+
+    def control_refused(self, job, action):
+        if action == "sample" and not job["spec"]["train"].get("sample_prompts"):
+            return "it has no sample_prompts to draw (set them in its [train] table)"
+        return super().control_refused(job, action)
 
     def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):

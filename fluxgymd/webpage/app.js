@@ -93,9 +93,13 @@ function drawChart() {
   ];
   if (lr.length) traces.push({ x: lr.map((m) => m.step), y: lr.map((m) => m.lr), name: "lr", yaxis: "y2",
     mode: "lines", line: { color: "#c60", dash: "dot" } });
+  // a learning rate is never negative: the axis starts at 0 (autorange around a constant
+  // lr spreads it to both sides of zero)
+  const lrMax = Math.max(0, ...lr.map((m) => m.lr));
   Plotly.react("chart", traces, {
     margin: { t: 10, r: 50, b: 40, l: 50 }, xaxis: { title: "step" }, yaxis: { title: "loss" },
-    yaxis2: { overlaying: "y", side: "right", showgrid: false, title: "lr", tickformat: ".1e" },
+    yaxis2: { overlaying: "y", side: "right", showgrid: false, title: "lr", tickformat: ".1e",
+      range: [0, lrMax > 0 ? lrMax * 1.15 : 1], autorange: false },
     legend: { orientation: "h" },
   }, { displayModeBar: false, responsive: true });
 }
@@ -114,6 +118,42 @@ async function loadSamples(id) {
     .join("") || "<i>no samples yet</i>";
 }
 
+const ACTIVE = ["queued", "starting", "running", "stalled", "recovering"];
+const LORA_KINDS = ["lora", "kohya"];
+
+function renderActions(j) {
+  const b = [];
+  if (j.lora) b.push(`<a class="button" id="download-lora" href="api/jobs/${j.id}/lora" download>download LoRA</a>`);
+  if (j.state === "running" && j.kind === "lora") {
+    b.push(`<button data-act="save-now">save now</button>`);
+    if ((j.spec?.train?.sample_prompts || []).length) b.push(`<button data-act="sample-now">sample now</button>`);
+  }
+  if (ACTIVE.includes(j.state)) b.push(`<button data-act="cancel">cancel</button>`);
+  if (LORA_KINDS.includes(j.kind) && !["failed", "cancelled"].includes(j.state)) {
+    b.push(`<input id="publish-repo" placeholder="owner/repo" size="18" aria-label="Hub repo">
+      <label class="small"><input type="checkbox" id="publish-private"> private</label>
+      <button data-act="publish">publish</button>`);
+  }
+  $("#actions").innerHTML = b.join(" ");
+  $("#actions").dataset.id = j.id;
+}
+
+$("#actions").addEventListener("click", async (e) => {
+  const btn = e.target.closest("button");
+  if (!btn) return;
+  const id = $("#actions").dataset.id;
+  const opts = { method: "POST" };
+  if (btn.dataset.act === "publish") {
+    opts.body = JSON.stringify({ repo: $("#publish-repo").value.trim(), private: $("#publish-private").checked });
+    opts.headers = { "Content-Type": "application/json" };
+  }
+  try {
+    const r = await api(`api/jobs/${id}/${btn.dataset.act}`, opts);
+    $("#message").textContent = btn.dataset.act === "publish" ? `publish: job ${r.id} (${r.name}) ${r.state}`
+      : btn.dataset.act.endsWith("-now") ? `${btn.dataset.act}: asked at step ${r.step ?? 0}` : "";
+  } catch (err) { $("#message").textContent = `${btn.dataset.act}: ${err.message}`; }
+});
+
 async function select(id) {
   selected = id;
   logSeq = null;
@@ -121,6 +161,7 @@ async function select(id) {
   const j = await api(`api/jobs/${id}`);
   $("#detail").hidden = false;
   $("#detail-title").textContent = `job ${j.id}: ${j.name} (${j.kind})`;
+  renderActions(j);
   const w = j.watchdog;
   $("#watchdog").innerHTML = [["state", `${j.state}: ${j.reason || ""}`], ["restarts", w.restarts],
     ["no-progress", w.no_progress], ["step limit", fmtDuration(w.step_limit_s)], ["GPU rule", w.gpu],
