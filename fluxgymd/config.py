@@ -94,6 +94,7 @@ KEYS = [
     Key("web", "trust_loopback", bool, False),
     Key("web", "token_file", str, ""),
     Key("web", "base_path", str, ""),
+    Key("web", "max_upload_mb", int, 50, minimum=1),
     Key("hooks", "idle_after_s", float, 600.0, minimum=0),
 ]
 KEYS += [Key("hooks", f"on_{event}", str, "") for event in HOOK_EVENTS]
@@ -234,6 +235,8 @@ class WebConfig:
     trust_loopback: bool = False
     token_file: str = ""
     base_path: str = ""
+    max_upload_mb: int = 50  # one uploaded photo or caption
+    drafts_dir: str = ""  # the new-LoRA page's uploads, before training starts
 
 
 @dataclass
@@ -412,4 +415,6 @@ def _web(values: dict[str, Any], state_dir: Path) -> WebConfig:
         raise ConfigError(f"web.base_path {base!r}: use a path like /fluxgymd")
     token_file = values["web.token_file"] or str(state_dir / "web-token")
     return WebConfig(listen=listen, trust_loopback=values["web.trust_loopback"],
-                     token_file=str(Path(token_file).expanduser()), base_path=base)
+                     token_file=str(Path(token_file).expanduser()), base_path=base,
+                     max_upload_mb=values["web.max_upload_mb"],
+                     drafts_dir=str(state_dir / "drafts"))

@@ -86,6 +86,25 @@ class Flow:
             name = f"{stem}-{n}"
         return name
 
+    async def op_plan(self, args) -> dict[str, Any]:
+        """The memory planner's peak for each tier of a catalog model at a resolution, and
+        each GPU's free memory: what the new-LoRA page shows beside its VRAM choice."""
+        from .gpus import lora_plan
+        from .kinds.lora import base_model_files
+
+        section: dict[str, Any] = {"base_model": args["base"], "resolution": args["resolution"],
+                                   "dataset_dir": str(self.cfg.outputs_dir)}
+        errors: list[str] = []
+        base_model_files(section, self._policy(), errors)
+        if errors:
+            raise FluxgymError(ErrorCode.BAD_ARGS, "; ".join(errors))
+        tiers, why = await lora_plan({"name": "plan", "train": section}, self.cfg.models)
+        gpus = [{"index": g["index"], "name": g.get("name"),
+                 "free": g["memory_total"] - (g.get("memory_used") or 0) - g.get("planned", 0)}
+                for g in self._gpu_stats() if g.get("memory_total")]
+        return {"base": args["base"], "resolution": args["resolution"], "tiers": tiers,
+                "why": why, "gpus": gpus}
+
     def op_control(self, args) -> dict[str, Any]:
         """save-now / sample-now: a request the running trainer takes at its next step
         boundary (trainer.contract.ask: a file in its folder, so it reaches a Slurm node)."""

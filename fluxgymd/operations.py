@@ -40,7 +40,7 @@ class Operations:
             "notify_test": self.op_notify_test, "gpus": self.op_gpus,
             "web_url": self.op_web_url, "models": self.op_models, "pull": self.op_pull,
             "models_rm": self.op_models_rm, "publish": self.op_publish, "new": self.op_new,
-            "control": self.op_control,
+            "control": self.op_control, "plan": self.op_plan,
         }
 
     def _find(self, ref: str) -> dict[str, Any]:

@@ -105,6 +105,9 @@ OPS: dict[str, dict[str, Arg]] = {
         # jobs (ids or names) it waits for, besides the job file's [job] after
         "after": Arg(list, default=None, items=str),
     },
+    # the memory planner's peak per tier for a catalog model, and each GPU's free memory
+    "plan": {"base": Arg(str, required=True),
+             "resolution": Arg(int, default=512, minimum=64, maximum=4096)},
     # save-now / sample-now: a request the running trainer takes at its next step boundary
     "control": {"job": _JOB, "action": Arg(str, required=True, choices=("save", "sample"))},
     # a publish job for a lora or kohya job's LoRA (kinds/publish.py)

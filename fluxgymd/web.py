@@ -29,6 +29,7 @@ from aiohttp import web
 from .config import WebConfig, parse_listen
 from .kinds import kind_of
 from .protocol import FluxgymError
+from .webnew import NewLoraPage
 
 
 log = logging.getLogger("fluxgymd")
@@ -65,7 +66,7 @@ def plotly_js() -> Path | None:
     return path if path.is_file() else None
 
 
-class Web:
+class Web(NewLoraPage):
     """The dashboard over the daemon's own operations: `ops` is the control socket's handler
     table (one code path for the CLI and the page), `find` resolves a job reference to its
     store row, `figures` gives /metrics its data (promexport.render's argument)."""
@@ -100,13 +101,17 @@ class Web:
         r.add_post("/api/jobs/{job}/publish", self.publish_job)
         r.add_post("/api/submit", self.submit)
         r.add_get("/api/gpus", self.gpus)
+        self._add_new_lora_routes(r)
         r.add_get("/api/events", self.events)
         r.add_get("/metrics", self.prometheus)
         root = app
         if self.base:
             root = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
             root.add_subapp(self.base, app)
-        self.runner = web.AppRunner(root, access_log=None, handle_signals=False)
+        # lingering_time=0: a request answered before its body was read (an upload over the
+        # limit) has its connection closed, not the rest of its body read and thrown away
+        self.runner = web.AppRunner(root, access_log=None, handle_signals=False,
+                                    lingering_time=0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()

@@ -40,8 +40,9 @@ def photos(tmp_path):
     return folder
 
 
-@pytest.fixture
-def flow_daemon(daemon_factory, tiny_single, florence_files, tmp_path):
+def start_flow_daemon(daemon_factory, tiny_single, florence_files, tmp_path, **config):
+    """A daemon whose catalog's tiny Flux and tiny Florence-2 are on a Hub stand-in (d.hub,
+    which the caller stops), with a write token for alice."""
     hub = Hub(writers={TOKEN: "alice"})
     entries = serve_tiny_flux(hub, tiny_single)
     for name, data in florence_files.items():
@@ -56,12 +57,18 @@ def flow_daemon(daemon_factory, tiny_single, florence_files, tmp_path):
     os.chmod(token_file, 0o600)
     d = daemon_factory("new", **FAST, hub__token_file=str(token_file),
                        caption__model="tiny-florence",
-                       **{f"models__{n}": e for n, e in entries.items()})
+                       **{f"models__{n}": e for n, e in entries.items()}, **config)
     d.config["models__dir"] = str(d.root / "models")
     d.extra_env = {"HF_ENDPOINT": hub.url}
     d.hub = hub
-    yield d.start()
-    hub.stop()
+    return d.start()
+
+
+@pytest.fixture
+def flow_daemon(daemon_factory, tiny_single, florence_files, tmp_path):
+    d = start_flow_daemon(daemon_factory, tiny_single, florence_files, tmp_path)
+    yield d
+    d.hub.stop()
 
 
 ARGS = ["--trigger", "fgx", "--base", "tiny-flux", "--steps", "8", "--resolution", "64",

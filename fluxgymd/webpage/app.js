@@ -121,6 +121,11 @@ async function loadSamples(id) {
 const ACTIVE = ["queued", "starting", "running", "stalled", "recovering"];
 const LORA_KINDS = ["lora", "kohya"];
 
+function say(text, ok = false) {  // the status line under the jobs: red unless ok
+  $("#message").textContent = text;
+  $("#message").dataset.kind = ok ? "ok" : "err";
+}
+
 function renderActions(j) {
   const b = [];
   if (j.lora) b.push(`<a class="button" id="download-lora" href="api/jobs/${j.id}/lora" download>download LoRA</a>`);
@@ -149,9 +154,9 @@ $("#actions").addEventListener("click", async (e) => {
   }
   try {
     const r = await api(`api/jobs/${id}/${btn.dataset.act}`, opts);
-    $("#message").textContent = btn.dataset.act === "publish" ? `publish: job ${r.id} (${r.name}) ${r.state}`
-      : btn.dataset.act.endsWith("-now") ? `${btn.dataset.act}: asked at step ${r.step ?? 0}` : "";
-  } catch (err) { $("#message").textContent = `${btn.dataset.act}: ${err.message}`; }
+    say(btn.dataset.act === "publish" ? `publish: job ${r.id} (${r.name}) ${r.state}`
+      : btn.dataset.act.endsWith("-now") ? `${btn.dataset.act}: asked at step ${r.step ?? 0}` : "", true);
+  } catch (err) { say(`${btn.dataset.act}: ${err.message}`); }
 });
 
 async function select(id) {
