@@ -355,6 +355,29 @@ def test_a_cancelled_kohya_run_keeps_a_state_at_the_step_it_reached(
     assert (out / f"ky-cancel-step{saved:08d}-state").is_dir()
 
 
+def test_save_now_and_sample_now_reach_a_kohya_run_through_the_launcher(
+        daemon, kohya, straight, short_tmp):
+    daemon.submit(kohya_job(short_tmp, "ky-ctl", kohya))
+    out = Path(daemon.outputs_dir) / "ky-ctl"
+    wait_log(out / "train.log", PAST_STEP_12)
+    daemon.ctl("save-now", "ky-ctl", check=True)
+    daemon.ctl("sample-now", "ky-ctl", check=True)
+    done = daemon.wait_state("ky-ctl", ("succeeded", "failed"), timeout=600, interval=0.5)
+    assert done["state"] == "succeeded", done["reason"]
+    log = (out / "train.log").read_text()
+    saved = int(re.search(r"fluxgymd-kohya: save now \(asked by fluxgymd\) at step (\d+)",
+                          log).group(1))
+    drawn = int(re.search(r"fluxgymd-kohya: sample now \(asked by fluxgymd\) at step (\d+)",
+                          log).group(1))
+    assert f"state saved {out / f'ky-ctl-step{saved:08d}-state'}" in log, log[-3000:]
+    assert 12 < saved < MAX_STEPS and 12 < drawn < MAX_STEPS
+    assert list((out / "sample").glob(f"ky-ctl_{drawn:06d}_00_*.png"))
+    # neither moved the training: the same LoRA as the straight run
+    assert lora_diff(out / "ky-ctl.safetensors", straight) == 0.0
+    refused = daemon.ctl("sample-now", "ky-ctl")
+    assert refused.returncode == 4 and "reaches a running job" in refused.stderr
+
+
 def test_a_kohya_run_through_slurm_sigkilled_on_its_node_resumes_exactly(
         daemon_factory, cluster, kohya, straight, short_tmp):
     """Any kind on any executor: sd-scripts in its own Python, in a Slurm batch job."""

@@ -210,6 +210,16 @@ class KohyaKind(JobKind):
     default_gpus = 1
     speaks_contract = True  # judged by the steps and phases read from its output
     makes_lora = True
+    controls = ("save", "sample")  # through the launcher, for *train_network.py scripts
+
+    def control_refused(self, job, action):
+        k = job["spec"]["kohya"]
+        if "train_network" not in os.path.basename(k["script"]):
+            return (f"the launcher takes requests only in a *train_network.py script, not "
+                    f"{k['script']}")
+        if action == "sample" and flag(k["args"], "--sample_prompts") is None:
+            return "it has no --sample_prompts to draw"
+        return super().control_refused(job, action)
 
     def validate(self, section, base, errors, policy):
         if not isinstance(section, dict):

@@ -27,6 +27,10 @@ not do for a supervised run. Each fix says so on stderr in a line starting `flux
   thread's stack to stderr, as fluxgymd's own trainer does, instead of ending the process.
 - After each state save a line `fluxgymd-kohya: state saved DIR`, after each sampling one
   `fluxgymd-kohya: sample PATH` per new image: the daemon follows checkpoints and samples.
+- Save now / sample now (`fluxgymctl save-now`, `sample-now`): at each step boundary the
+  requests the daemon left in `$FLUXGYM_OUTPUT_DIR/.control/` (the contract's files, as
+  trainer/contract.py takes them) are taken: a state saved at that step, or the sample
+  prompts drawn at it (sd-scripts' own sampling, which restores the RNG it used).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import sys
 
 TAG = "fluxgymd-kohya:"
 EXIT_INTERRUPTED = 75
+CONTROL_DIR, CONTROLS = ".control", ("save", "sample")  # as trainer/contract.py
 PATH_FLAGS = ("pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "dataset_config",
               "train_data_dir", "reg_data_dir", "sample_prompts", "network_weights", "resume",
               "tokenizer_cache_dir", "config_file", "in_json")
@@ -339,6 +344,7 @@ def _install(argv: list[str]) -> None:
                     say(f"warning: resumed at step {_Run.resumed_step} but the first step is "
                         f"{global_step}: the step count is off")
                 _Run.stepped = True
+                _requests(sample, accelerator, args, global_step, rest, kw)
                 if _Run.stop:
                     say(f"stopping after step {global_step}")
                     train_util.save_and_remove_state_stepwise(args, accelerator, global_step)
@@ -347,6 +353,39 @@ def _install(argv: list[str]) -> None:
         self.sample_images = sample_then_maybe_stop
         return train(self, args)
     train_network.NetworkTrainer.train = supervised_train
+
+
+def _take_requests() -> list[str]:
+    """The daemon's requests waiting in the job's folder, each taken once."""
+    folder = os.path.join(os.environ.get("FLUXGYM_OUTPUT_DIR") or ".", CONTROL_DIR)
+    taken = []
+    for action in CONTROLS:
+        try:
+            os.unlink(os.path.join(folder, action))
+            taken.append(action)
+        except OSError:
+            pass
+    return taken
+
+
+def _requests(sample, accelerator, args, global_step, rest, kw) -> None:
+    from library import train_util
+
+    for action in _take_requests():
+        if action == "save":
+            say(f"save now (asked by fluxgymd) at step {global_step}")
+            train_util.save_and_remove_state_stepwise(args, accelerator, global_step)
+        elif action == "sample" and getattr(args, "sample_prompts", None):
+            say(f"sample now (asked by fluxgymd) at step {global_step}")
+            every = (args.sample_every_n_steps, args.sample_every_n_epochs)
+            args.sample_every_n_steps, args.sample_every_n_epochs = 1, None  # due now
+            try:
+                sample(accelerator, args, None, global_step, *rest, **kw)
+            finally:
+                args.sample_every_n_steps, args.sample_every_n_epochs = every
+            _report_samples(args.output_dir)
+        else:
+            say("sample now: this run has no --sample_prompts; nothing drawn")
 
 
 def _report_samples(output_dir: str) -> None:

@@ -129,9 +129,11 @@ function say(text, ok = false) {  // the status line under the jobs: red unless 
 function renderActions(j) {
   const b = [];
   if (j.lora) b.push(`<a class="button" id="download-lora" href="api/jobs/${j.id}/lora" download>download LoRA</a>`);
-  if (j.state === "running" && j.kind === "lora") {
+  if (j.state === "running" && LORA_KINDS.includes(j.kind)) {
     b.push(`<button data-act="save-now">save now</button>`);
-    if ((j.spec?.train?.sample_prompts || []).length) b.push(`<button data-act="sample-now">sample now</button>`);
+    const prompts = j.kind === "lora" ? (j.spec?.train?.sample_prompts || []).length > 0
+      : (j.spec?.kohya?.args || []).some((a) => a.startsWith("--sample_prompts"));
+    if (prompts) b.push(`<button data-act="sample-now">sample now</button>`);
   }
   if (ACTIVE.includes(j.state)) b.push(`<button data-act="cancel">cancel</button>`);
   if (LORA_KINDS.includes(j.kind) && !["failed", "cancelled"].includes(j.state)) {
