@@ -180,6 +180,22 @@ class Flow:
                                 "train": train}
         if args["publish"]:
             lora["publish"] = {"repo": args["publish"], "private": args["private"]}
+        if args["job_file"]:
+            try:
+                edited = tomllib.loads(args["job_file"])
+            except tomllib.TOMLDecodeError as e:
+                raise FluxgymError(ErrorCode.BAD_ARGS, f"the edited job file is not valid "
+                                   f"TOML: {e}") from None
+            if not isinstance(edited.get("train"), dict):
+                raise FluxgymError(ErrorCode.BAD_ARGS, "the edited job file needs its [train] "
+                                   "table")
+            train = {**edited["train"], "dataset_dir": str(dataset)}
+            lora = {"job": lora["job"], "train": train,
+                    **{k: edited[k] for k in ("publish", "watchdog") if k in edited}}
+            steps = train.get("max_train_steps") or expected_steps(
+                images, train.get("num_repeats", DEFAULTS["repeats"]),
+                train.get("max_train_epochs", DEFAULTS["epochs"]),
+                train.get("train_batch_size", 1))
         docs[name] = tomli_w.dumps(lora)
         return docs, steps
 

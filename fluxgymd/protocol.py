@@ -137,6 +137,10 @@ OPS: dict[str, dict[str, Arg]] = {
         "private": Arg(bool, default=False),
         "resize": Arg(int, default=0, minimum=0, maximum=16384),  # longer side, px
         "set": Arg(list, default=None, items=str),  # more [train] keys, "KEY=VALUE"
+        # the training job's file as the user edited it (the page's advanced view): its
+        # [train], [publish] and [watchdog] tables replace the built ones; the name and
+        # dataset_dir stay the chain's
+        "job_file": Arg(str, default="", multiline=True),
         "dry_run": Arg(bool, default=False),
         "priority": Arg(int, default=0, minimum=PRIORITY_RANGE[0], maximum=PRIORITY_RANGE[1]),
     },

@@ -94,6 +94,7 @@ class Web(NewLoraPage):
         r.add_get("/api/jobs/{job}/samples", self.samples)
         r.add_get("/api/jobs/{job}/samples/{name}", self.sample)
         r.add_get("/api/jobs/{job}/lora", self.lora)
+        r.add_get("/api/jobs/{job}/checkpoint", self.checkpoint)
         r.add_post("/api/jobs/{job}/cancel", self.cancel)
         r.add_post("/api/jobs/{job}/retry", self.retry)
         r.add_post("/api/jobs/{job}/save-now", self.save_now)
@@ -292,6 +293,49 @@ class Web(NewLoraPage):
         return web.FileResponse(path, headers={
             "Content-Disposition": f'attachment; filename="{name}"',
             "Content-Type": "application/octet-stream", "Cache-Control": "no-store"})
+
+    async def checkpoint(self, request: web.Request) -> web.StreamResponse:
+        """The job's newest complete checkpoint (a folder) as one tar, streamed file by file
+        (no copy on disk, nothing held in memory), its length known up front."""
+        import tarfile
+
+        try:
+            job = self.find(request.match_info["job"])
+        except FluxgymError as e:
+            return self._error(e)
+        folder = Path(job["checkpoint"]) if job.get("checkpoint") else None
+        if folder is None or not folder.is_dir():
+            return web.json_response({"error": f"job {job['id']} ({job['name']}) has no "
+                                      "complete checkpoint"}, status=404)
+        name = f"{job['name']}-{folder.name}"
+        entries = []
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                info = tarfile.TarInfo(f"{name}/{p.relative_to(folder)}")
+                st = p.stat()
+                info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
+                entries.append((p, info.tobuf(format=tarfile.PAX_FORMAT), st.st_size))
+        pad = lambda n: -n % tarfile.BLOCKSIZE  # noqa: E731
+        length = sum(len(h) + n + pad(n) for _, h, n in entries) + 2 * tarfile.BLOCKSIZE
+        resp = web.StreamResponse(headers={
+            "Content-Type": "application/x-tar", "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{name}.tar"',
+            "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        for path, header, size in entries:
+            await resp.write(header)
+            with open(path, "rb") as fh:
+                left = size
+                while left > 0:
+                    chunk = fh.read(min(left, 1 << 20))
+                    if not chunk:  # shrank since: the download is cut, not padded wrong
+                        raise ConnectionResetError(f"{path} changed while it was sent")
+                    await resp.write(chunk)
+                    left -= len(chunk)
+            await resp.write(b"\0" * pad(size))
+        await resp.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        await resp.write_eof()
+        return resp
 
     async def save_now(self, request: web.Request) -> web.Response:
         return await self._op(self.ops["control"], job=request.match_info["job"], action="save")

@@ -145,6 +145,18 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     lora_file = Path(d.job("web-lora")["output_dir"]) / "web-lora.safetensors"
     assert status == 200 and body == lora_file.read_bytes()
     assert headers["Content-Disposition"] == 'attachment; filename="web-lora.safetensors"'
+    # and its newest checkpoint, as one tar of its folder
+    import io
+    import tarfile
+    link = browser.find_element(By.ID, "download-checkpoint")
+    status, body, headers = _get(link.get_attribute("href"), token)
+    ckpt = Path(d.job("web-lora")["checkpoint"])
+    assert status == 200 and headers["Content-Disposition"] == \
+        f'attachment; filename="web-lora-{ckpt.name}.tar"'
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        got = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert got == {str(p.relative_to(ckpt)): p.read_bytes() for p in ckpt.rglob("*")
+                   if p.is_file()} and "lora.safetensors" in got
     screenshot(browser, tmp_path / "dashboard.png")
     browser.find_element(By.CSS_SELECTOR, "#gallery img").click()  # the full-size view
     assert browser.find_element(By.ID, "viewer").is_displayed()

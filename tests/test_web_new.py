@@ -97,9 +97,14 @@ def test_a_lora_from_the_browser(browser, flow_web, tmp_path):  # noqa: F811
                            (p / Path(first).with_suffix(".txt")).read_text() ==
                            "fgx, edited by hand" for p in drafts.iterdir()), 10,
                what="the edited caption on disk")
-    preview = wait_until(lambda: 'repo = "alice/webby"' in (t := browser.find_element(
-        By.ID, "new-preview").text) and t, 10, what="the job files in the advanced view")
+    job_file = lambda: js("return document.getElementById('new-job-file').value")  # noqa: E731
+    preview = wait_until(lambda: 'repo = "alice/webby"' in job_file() and job_file(), 10,
+                         what="the job file in the advanced view")
     assert 'base_model = "tiny-flux"' in preview and "t5xxl_max_token_length = 32" in preview
+    # edited by hand: submitted as it stands
+    js("const t = document.getElementById('new-job-file');"
+       "t.value = t.value.replace('network_dim = 4', 'network_dim = 8');"
+       "t.dispatchEvent(new Event('input', {bubbles: true}))")
     screenshot(browser, tmp_path / "new-lora.png", 1400)
     if os.environ.get("FLUXGYMD_DOCS_IMG"):
         shutil.copy(tmp_path / "new-lora.png", Path(os.environ["FLUXGYMD_DOCS_IMG"]) /
@@ -123,6 +128,7 @@ def test_a_lora_from_the_browser(browser, flow_web, tmp_path):  # noqa: F811
     wait_until(lambda: row("webby-publish") == "succeeded", 30, what="the page to show it")
     assert js("return performance.getEntriesByType('navigation').length") == 1  # no reload
 
+    assert d.call("show", job="webby")["spec"]["train"]["network_dim"] == 8  # as edited
     dataset = Path(d.job("webby")["output_dir"]) / "dataset"
     texts = sorted(p.read_text() for p in dataset.glob("*.txt"))
     assert "fgx, edited by hand" in texts and "fgx, in my own words" in texts

@@ -129,6 +129,7 @@ function say(text, ok = false) {  // the status line under the jobs: red unless 
 function renderActions(j) {
   const b = [];
   if (j.lora) b.push(`<a class="button" id="download-lora" href="api/jobs/${j.id}/lora" download>download LoRA</a>`);
+  if (j.checkpoint) b.push(`<a class="button" id="download-checkpoint" href="api/jobs/${j.id}/checkpoint" download>download checkpoint (step ${j.checkpoint_step})</a>`);
   if (j.state === "running" && LORA_KINDS.includes(j.kind)) {
     b.push(`<button data-act="save-now">save now</button>`);
     const prompts = j.kind === "lora" ? (j.spec?.train?.sample_prompts || []).length > 0

@@ -2,7 +2,7 @@
 // training", which is the daemon's `new` operation (the chain `fluxgymctl new` queues).
 // Uses app.js's api(), esc(), fmtBytes() and select().
 "use strict";
-const NEW = { draft: null, files: [], plans: {}, captionJob: null, poll: null };
+const NEW = { draft: null, files: [], plans: {}, captionJob: null, poll: null, edited: false };
 const form = $("#new-form");
 
 async function newDraft() {
@@ -22,7 +22,7 @@ function formArgs(dryRun) {
     steps: num("steps"), lr: Number(f.get("lr")), rank: num("rank"), seed: num("seed"),
     sample_every: num("sample_every"), samples: lines("samples"),
     publish: String(f.get("publish") || "").trim(), private: f.get("private") === "on",
-    set: lines("set"), dry_run: dryRun,
+    set: lines("set"), dry_run: dryRun, job_file: NEW.edited ? $("#new-job-file").value : "",
   };
 }
 
@@ -148,12 +148,18 @@ async function preview() {  // the job files `new` would submit, while "advanced
   try {
     const r = await api(`api/drafts/${NEW.draft}/start`, { method: "POST",
       body: JSON.stringify(formArgs(true)), headers: { "Content-Type": "application/json" } });
-    $("#new-preview").textContent = Object.entries(r.files).map(([n, t]) => `# --- ${n}.toml ---\n${t}`).join("\n");
+    const a = formArgs(true);
+    if (!NEW.edited) $("#new-job-file").value = r.files[a.name] || "";
+    $("#new-preview").textContent = Object.entries(r.files).filter(([n]) => n !== a.name)
+      .map(([n, t]) => `# --- ${n}.toml ---\n${t}`).join("\n");
+    $("#new-steps").textContent = `${r.steps} steps` + (NEW.edited ? " (from the edited file)" : "");
   } catch (e) { $("#new-preview").textContent = e.message; }
 }
 let previewTimer = null;
 function previewSoon() { clearTimeout(previewTimer); previewTimer = setTimeout(preview, 300); }
 $("#advanced").addEventListener("toggle", preview);
+$("#new-job-file").addEventListener("input", (e) => { e.stopPropagation(); NEW.edited = true; });
+$("#new-reset").addEventListener("click", () => { NEW.edited = false; preview(); });
 form.addEventListener("input", previewSoon);
 form.addEventListener("submit", async (e) => {
   e.preventDefault();
@@ -164,6 +170,7 @@ form.addEventListener("submit", async (e) => {
     $("#new").hidden = true;
     form.reset();
     NEW.draft = null;
+    NEW.edited = false;
     const lora = r.jobs.find((j) => j.kind === "lora");
     if (lora) select(lora.id);
   } catch (err) { $("#new-message").textContent = err.message; }
