@@ -24,17 +24,15 @@ once (what was written is kept). Imported only by this child, never by the daemo
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
-import tomllib
 
-EXIT_FIX = 2
-EXIT_INTERRUPTED = 75
+from . import child
+from .child import Fatal
+
 REPORT_EVERY_S = 0.5
 # Test hook: the free bytes the disk check sees (a full disk without filling one).
 FREE_BYTES_ENV = "FLUXGYMD_FREE_BYTES"
@@ -46,10 +44,6 @@ def human(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
-
-
-class Fatal(Exception):
-    """Retrying cannot help: the message says what to do."""
 
 
 class Progress:
@@ -306,36 +300,10 @@ def fetch(items: list[dict], rep, token: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fluxgymd.fetch", description=__doc__)
-    ap.add_argument("job_file")
-    args = ap.parse_args(argv)
-    from trainer.contract import Reporter, keep_going_without_a_reader
-
-    keep_going_without_a_reader()
-    rep = Reporter(voice="fetch")
-
-    def on_term(signum, frame):
-        rep.say(f"stopped by {signal.Signals(signum).name}; what was fetched is kept "
-                "(exit 75, resumable)")
-        raise SystemExit(EXIT_INTERRUPTED)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_term)
-    try:
-        with open(args.job_file, "rb") as fh:
-            items = tomllib.load(fh)["download"]["files"]
-        fetch(items, rep, os.environ.get("HF_TOKEN") or None)
-        rep.done()
-        return 0
-    except Fatal as e:
-        rep.say(str(e))
-        return EXIT_FIX
-    except OSError as e:
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT
-            rep.say(f"the disk is full: {e}; free some space, then retry the job")
-            return EXIT_FIX
-        raise
-    finally:
-        rep.close()
+    return child.run(argv, "python -m fluxgymd.fetch", __doc__, "fetch",
+                     "what was fetched is kept, resumable",
+                     lambda job, rep, _: fetch(job["download"]["files"], rep,
+                                               os.environ.get("HF_TOKEN") or None))
 
 
 if __name__ == "__main__":

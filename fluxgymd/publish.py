@@ -15,21 +15,15 @@ in its job folder. Imported only by this child, never by the daemon.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import sys
-import tomllib
 from pathlib import Path
 
-EXIT_FIX = 2
-EXIT_INTERRUPTED = 75
+from . import child
+from .child import Fatal
+
 TAGS = ["text-to-image", "flux", "lora", "diffusers", "template:sd-lora", "fluxgymd"]
-
-
-class Fatal(Exception):
-    """Retrying cannot help: the message says what to do."""
 
 
 def _settings_table(settings: dict) -> str:
@@ -172,30 +166,11 @@ def publish(doc: dict, rep, token: str | None, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fluxgymd.publish", description=__doc__)
-    ap.add_argument("job_file")
-    args = ap.parse_args(argv)
-    from trainer.contract import Reporter, keep_going_without_a_reader
-
-    keep_going_without_a_reader()
-    rep = Reporter(voice="publish")
-
-    def on_term(signum, frame):
-        rep.say(f"stopped by {signal.Signals(signum).name} (exit 75; publishing again is safe)")
-        raise SystemExit(EXIT_INTERRUPTED)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_term)
-    try:
-        with open(args.job_file, "rb") as fh:
-            doc = tomllib.load(fh)["publish"]
-        publish(doc, rep, os.environ.get("HF_TOKEN") or None, Path(args.job_file).parent)
-        rep.done()
-        return 0
-    except Fatal as e:
-        rep.say(str(e))
-        return EXIT_FIX
-    finally:
-        rep.close()
+    return child.run(argv, "python -m fluxgymd.publish", __doc__, "publish",
+                     "publishing again is safe",
+                     lambda job, rep, path: publish(job["publish"], rep,
+                                                    os.environ.get("HF_TOKEN") or None,
+                                                    path.parent))
 
 
 if __name__ == "__main__":
