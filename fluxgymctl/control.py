@@ -16,7 +16,7 @@ def _request(ctx: Ctx, job: str, action: str, what: str) -> None:
                f"{r['step'] or 0}); fluxgymctl logs -f {r['name']} shows it")
 
 
-@click.command("save-now")
+@click.command("save-now", short_help="A checkpoint of a running job at its next step.")
 @click.argument("job")
 @command
 def save_now(ctx: Ctx, job: str) -> None:
@@ -25,7 +25,7 @@ def save_now(ctx: Ctx, job: str) -> None:
     _request(ctx, job, "save", "a checkpoint")
 
 
-@click.command("sample-now")
+@click.command("sample-now", short_help="Samples of a running job at its next step.")
 @click.argument("job")
 @command
 def sample_now(ctx: Ctx, job: str) -> None:

@@ -17,7 +17,7 @@ def _job_line(job: dict) -> str:
             + (f", after {after}" if after else ""))
 
 
-@click.command("new")
+@click.command("new", short_help="A LoRA from a folder of photos: caption, train, publish.")
 @click.argument("name")
 @click.option("--images", required=True, type=click.Path(file_okay=False, exists=True),
               help="The folder of photos (PNG, JPEG, WebP), with any same-name .txt captions.")
@@ -89,7 +89,7 @@ def new(ctx: Ctx, name: str, images: str, trigger: str, base: str, vram: str, ca
                "fluxgymctl web for the dashboard)")
 
 
-@click.command("publish")
+@click.command("publish", short_help="A LoRA, samples and model card to the Hub.")
 @click.argument("job")
 @click.option("--repo", required=True, metavar="OWNER/NAME", help="The Hub repo (created when "
               "it is not there).")
