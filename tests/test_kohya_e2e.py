@@ -165,10 +165,15 @@ def wait_log(path: Path, pattern: str, timeout: float = 300) -> re.Match:
 
 
 def test_a_straight_kohya_run_under_fluxgymd(daemon, kohya, straight, short_tmp):
+    """One attempt to the end, the same LoRA as the launcher alone, with a save-now and a
+    sample-now on the way (through the launcher: they move nothing of the training)."""
     job = daemon.submit(kohya_job(short_tmp, "ky-straight", kohya))
     assert job["kind"] == "kohya" and job["state"] in ("queued", "starting", "running")
+    out = Path(daemon.outputs_dir) / "ky-straight"
+    wait_log(out / "train.log", PAST_STEP_12)
+    daemon.ctl("save-now", "ky-straight", check=True)
+    daemon.ctl("sample-now", "ky-straight", check=True)
     done = daemon.wait_state(job["id"], "succeeded", timeout=600, interval=0.5)
-    out = Path(done["output_dir"])
     lora = out / "ky-straight.safetensors"
     assert done["lora"] == str(lora) and lora_diff(lora, straight) == 0.0
     assert done["step"] == done["total_steps"] == MAX_STEPS and done["loss"] is not None
@@ -176,9 +181,17 @@ def test_a_straight_kohya_run_under_fluxgymd(daemon, kohya, straight, short_tmp)
     log = (out / "train.log").read_text()
     [steps] = attempts(log)
     assert executed(steps) == (0, MAX_STEPS, MAX_STEPS)
+    saved = int(re.search(r"fluxgymd-kohya: save now \(asked by fluxgymd\) at step (\d+)",
+                          log).group(1))
+    drawn = int(re.search(r"fluxgymd-kohya: sample now \(asked by fluxgymd\) at step (\d+)",
+                          log).group(1))
+    assert f"state saved {out / f'ky-straight-step{saved:08d}-state'}" in log, log[-3000:]
+    assert 12 < saved < MAX_STEPS and 12 < drawn < MAX_STEPS
     samples = sorted(p.name for p in (out / "sample").iterdir())
-    assert [n.split("_")[1] for n in samples] == ["000020", "000040"]
+    assert [n.split("_")[1] for n in samples] == sorted({"000020", "000040", f"{drawn:06d}"})
     assert all(f"fluxgymd-kohya: sample {out / 'sample' / n}" in log for n in samples)
+    refused = daemon.ctl("save-now", "ky-straight")
+    assert refused.returncode == 4 and "reaches a running job" in refused.stderr
     # status, show and metrics show it like a lora job
     show = daemon.ctl("show", "ky-straight", check=True).stdout
     assert "kohya" in show and f"{MAX_STEPS}/{MAX_STEPS}" in show.replace(" ", ""), show
@@ -353,29 +366,6 @@ def test_a_cancelled_kohya_run_keeps_a_state_at_the_step_it_reached(
           f"{first[-1] - saved}")
     assert first[-1] == saved and done["checkpoint_step"] == saved
     assert (out / f"ky-cancel-step{saved:08d}-state").is_dir()
-
-
-def test_save_now_and_sample_now_reach_a_kohya_run_through_the_launcher(
-        daemon, kohya, straight, short_tmp):
-    daemon.submit(kohya_job(short_tmp, "ky-ctl", kohya))
-    out = Path(daemon.outputs_dir) / "ky-ctl"
-    wait_log(out / "train.log", PAST_STEP_12)
-    daemon.ctl("save-now", "ky-ctl", check=True)
-    daemon.ctl("sample-now", "ky-ctl", check=True)
-    done = daemon.wait_state("ky-ctl", ("succeeded", "failed"), timeout=600, interval=0.5)
-    assert done["state"] == "succeeded", done["reason"]
-    log = (out / "train.log").read_text()
-    saved = int(re.search(r"fluxgymd-kohya: save now \(asked by fluxgymd\) at step (\d+)",
-                          log).group(1))
-    drawn = int(re.search(r"fluxgymd-kohya: sample now \(asked by fluxgymd\) at step (\d+)",
-                          log).group(1))
-    assert f"state saved {out / f'ky-ctl-step{saved:08d}-state'}" in log, log[-3000:]
-    assert 12 < saved < MAX_STEPS and 12 < drawn < MAX_STEPS
-    assert list((out / "sample").glob(f"ky-ctl_{drawn:06d}_00_*.png"))
-    # neither moved the training: the same LoRA as the straight run
-    assert lora_diff(out / "ky-ctl.safetensors", straight) == 0.0
-    refused = daemon.ctl("sample-now", "ky-ctl")
-    assert refused.returncode == 4 and "reaches a running job" in refused.stderr
 
 
 def test_a_kohya_run_through_slurm_sigkilled_on_its_node_resumes_exactly(
