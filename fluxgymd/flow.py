@@ -234,17 +234,24 @@ class Flow:
             raise FluxgymError(ErrorCode.INVALID_STATE, f"cannot copy the photos to {dataset}: "
                                f"{e.strerror or e}") from None
         log.info("new %s: %d photo(s) copied to %s", name, len(images), dataset)
-        # the training job's file is checked before any job of the chain is queued
+        # every file of the chain is checked before any job of it is queued; a refusal
+        # takes the copied photos back, so the same `new` can be run again
         try:
-            await asyncio.to_thread(jobspec.parse, docs[name], "", "", self.cfg.outputs_dir,
-                                    self._policy())
+            for text in docs.values():
+                await asyncio.to_thread(jobspec.parse, text, "", "", self.cfg.outputs_dir,
+                                        self._policy())
         except FluxgymError:
             shutil.rmtree(self.cfg.outputs_dir / name, ignore_errors=True)
             raise
         jobs: list[dict[str, Any]] = []
         for job_name, text in docs.items():
-            job = await self.op_submit({"text": text, "source": "", "name": "",
-                                        "priority": args["priority"], "after": None})
+            try:
+                job = await self.op_submit({"text": text, "source": "", "name": "",
+                                            "priority": args["priority"], "after": None})
+            except FluxgymError:
+                if not jobs:  # nothing of the chain is queued: as if it never ran
+                    shutil.rmtree(self.cfg.outputs_dir / name, ignore_errors=True)
+                raise
             for chained in (job, *job.pop("chained", [])):
                 # the downloads op_submit queued for it come first: the whole chain is listed
                 listed = {j["id"] for j in jobs}

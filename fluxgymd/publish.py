@@ -6,9 +6,11 @@ chosen samples and the card in one `create_commit`. huggingface_hub leaves out f
 repo already holds unchanged (their git oid, from the preupload answer); when nothing is
 left it makes no commit, and this child says so (the head commit did not move).
 
-It speaks the supervision contract (phase "publishing", a step per stage) and exits 2 with
-what to do where retrying cannot help: no token, a token that may not write there (401,
-403), a conflict (409), a repo id the Hub refuses, a LoRA that is not there. Network errors
+It speaks the supervision contract: phase "publishing" while huggingface_hub uploads (the
+watchdog's publishing_limit_s bounds it: the bytes in flight cannot be counted from here,
+whichever way they go, inline, LFS or Xet), then one step of the bytes published. It exits
+2 with what to do where retrying cannot help: no token, a token that may not write there
+(401, 403), a conflict (409), a repo id the Hub refuses, a LoRA that is not there. Network errors
 and the Hub's 5xx exit 1, so the watchdog retries within the job's budget. The token comes
 in HF_TOKEN and is never printed. On success it writes published.json (repo, commit, files)
 in its job folder. Imported only by this child, never by the daemon.
@@ -135,23 +137,21 @@ def publish(doc: dict, rep, token: str | None, out_dir: Path) -> dict:
     card = json.loads(doc["card"])
     readme = card_text(card, repo).encode("utf-8")
     rep.phase("publishing", f"{len(files)} file(s) and a model card to {repo}")
-    rep.send("step", step=0, total=3)
     api = HfApi(token=token)
+    size = sum(os.path.getsize(f["local"]) for f in files) + len(readme)
     try:
         url = api.create_repo(repo, private=bool(doc.get("private")), exist_ok=True)
         rep.say(f"repo {url}")
-        rep.send("step", step=1, total=3)
         before = api.repo_info(repo).sha
         ops = [CommitOperationAdd(path_in_repo=f["path"], path_or_fileobj=f["local"])
                for f in files]
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
-        rep.send("step", step=2, total=3)
         info = api.create_commit(repo, operations=ops, commit_message=doc["commit_message"])
     except Fatal:
         raise
     except Exception as e:  # noqa: BLE001 - mapped to what to do, or re-raised (retried)
         raise _http_error(e, repo, token) from None
-    rep.send("step", step=3, total=3)
+    rep.send("step", step=size, total=size)  # the bytes published, once they are
     changed = info.oid != before
     rep.say(f"published {len(files) + 1} file(s) to {repo} as commit {info.oid[:12]}: "
             f"{info.commit_url}" if changed else

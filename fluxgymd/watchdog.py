@@ -31,6 +31,7 @@ class Limits:
     caching_limit_s: float = 3600.0
     saving_limit_s: float = 900.0
     sampling_limit_s: float = 1800.0
+    publishing_limit_s: float = 3600.0  # a publish job's upload: no steps to count
     output_silence_s: float = 600.0  # jobs without progress: no output for this long
     gpu_idle_percent: float = 5.0  # training with the job's GPUs below this ...
     gpu_idle_window_s: float = 300.0  # ... for this long is a stall
@@ -48,7 +49,8 @@ class Limits:
 
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 PHASE_LIMITS = {"loading": "loading_limit_s", "caching": "caching_limit_s",
-                "saving": "saving_limit_s", "sampling": "sampling_limit_s"}
+                "saving": "saving_limit_s", "sampling": "sampling_limit_s",
+                "publishing": "publishing_limit_s"}
 
 
 @dataclass(frozen=True)

@@ -153,9 +153,9 @@ class NewLoraPage:
             return web.json_response({"error": "send the form as a JSON object"}, status=400)
         if not isinstance(form, dict):
             return web.json_response({"error": "send the form as a JSON object"}, status=400)
-        form = {k: v for k, v in form.items() if k not in ("images", "caption")}
+        form = {k: v for k, v in form.items() if k != "images"}
         try:
-            args = check_args("new", {**form, "images": str(folder), "caption": False})
+            args = check_args("new", {**form, "images": str(folder)})
         except FluxgymError as e:
             return self._error(e)
         resp = await self._op(self.ops["new"], **args)

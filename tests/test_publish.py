@@ -91,6 +91,8 @@ def test_publishing_a_trained_lora(daemon_factory, tiny, tmp_path):
         lora_path = outputs / "pub" / "pub.safetensors"
         assert hashlib.sha256(files["pub.safetensors"]).hexdigest() == \
             hashlib.sha256(lora_path.read_bytes()).hexdigest()
+        # its one step: the bytes published (the LoRA, the samples, the card)
+        assert done["step"] == done["total_steps"] > lora_path.stat().st_size
         meta = front_matter(files["README.md"])
         assert meta["instance_prompt"] == "fgx"
         assert [w["text"] for w in meta["widget"]] == ["fgx, a red disc", "fgx, a blue square"]

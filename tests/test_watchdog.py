@@ -6,7 +6,8 @@ import pytest
 from fluxgymd.watchdog import (Budget, Ending, Limits, Stall, Watch, after_exit, backoff)
 
 L = Limits(stall_floor_s=10, stall_factor=5, loading_limit_s=100, caching_limit_s=100,
-           saving_limit_s=50, sampling_limit_s=50, output_silence_s=30, gpu_idle_percent=5,
+           saving_limit_s=50, sampling_limit_s=50, publishing_limit_s=70, output_silence_s=30,
+           gpu_idle_percent=5,
            gpu_idle_window_s=20, dstate_limit_s=40, backoff_s=2, backoff_max_s=10,
            max_restarts=3, no_progress_restarts=2)
 
@@ -50,7 +51,7 @@ def test_training_without_any_step_is_limited_from_its_start():
 
 # --- phases ----------------------------------------------------------------------------
 @pytest.mark.parametrize("phase,limit", [("loading", 100), ("caching", 100), ("saving", 50),
-                                         ("sampling", 50)])
+                                         ("sampling", 50), ("publishing", 70)])
 def test_long_phases_get_their_own_generous_limit(phase, limit):
     w = training()
     w.on_step(0, 1)

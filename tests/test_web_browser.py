@@ -117,6 +117,12 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     wait_until(lambda: states.add(row_state()) or row_state() == "running", 60, 0.05,
                "the row to show running")
     browser.execute_script("document.querySelector('#jobs tbody tr').click()")  # open it
+    # "save now" from its panel: a checkpoint at the step it reached, and it goes on
+    wait_until(lambda: browser.execute_script(
+        "const b = document.querySelector(\"#actions button[data-act='save-now']\");"
+        "if (b) b.click(); return !!b"), 20, what="a save-now button to click")
+    wait_until(lambda: "save-now: asked at step" in browser.find_element(By.ID, "message").text,
+               10, what="the page to say the request went")
     wait_until(lambda: row_state() == "succeeded", 300, 0.2, "the row to show succeeded")
     assert {"queued", "starting", "running"} & states  # seen on the way, no reload
     assert browser.execute_script("return performance.getEntriesByType('navigation')"
@@ -134,6 +140,8 @@ def test_the_page_follows_a_lora_job_live_and_cancels_from_a_button(
     steps = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .step b")]
     assert steps == ["step 30", "step 15"]  # newest first
     assert "finished" in browser.find_element(By.ID, "log").text
+    text = browser.find_element(By.ID, "log").text  # taken (at a scheduled save: said so)
+    assert "save now (asked by fluxgymd) at step" in text or "save now: the checkpoint" in text
     # a constant learning rate: its axis starts at 0, never below
     lr_range = browser.execute_script(
         "return document.getElementById('chart').layout.yaxis2.range")

@@ -22,7 +22,7 @@ function formArgs(dryRun) {
     steps: num("steps"), lr: Number(f.get("lr")), rank: num("rank"), seed: num("seed"),
     sample_every: num("sample_every"), samples: lines("samples"),
     publish: String(f.get("publish") || "").trim(), private: f.get("private") === "on",
-    set: lines("set"), dry_run: dryRun, job_file: NEW.edited ? $("#new-job-file").value : "",
+    set: lines("set"), caption: f.get("caption") === "on", dry_run: dryRun, job_file: NEW.edited ? $("#new-job-file").value : "",
   };
 }
 
