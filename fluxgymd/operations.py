@@ -116,10 +116,11 @@ class Operations:
         more += [str(j["id"]) for j in kind_of(spec).bind(spec, self.store.find, kind_of,
                                                           self._policy())]
         publish = spec.get("publish") if spec["kind"] != "publish" else None
-        if publish and self._taken(f"{spec['name']}-publish"):
+        if publish and not self._free(f"{spec['name']}-publish"):
             raise FluxgymError(ErrorCode.CONFLICT, f"[publish] chains a job named "
-                               f"{spec['name']}-publish after this one, and that name is "
-                               "taken; remove that job, or submit this one under another name")
+                               f"{spec['name']}-publish after this one, and a job or an output "
+                               "folder has that name; remove it, or submit this one under "
+                               "another name")
         needed = kind_of(spec).models_needed(spec, self._policy())
         if needed:
             # its model is fetched first, by one download job it waits for (shared with any
@@ -217,12 +218,8 @@ class Operations:
                 has = {(f["repo"], f["file"], f["dir"]) for f in job["spec"]["download"]["files"]}
                 if wanted <= has:
                     return job
-        stem = f"pull-{'-'.join(sorted(names))}"[:40].rstrip("-._") + \
-            time.strftime("-%Y%m%d-%H%M%S")
-        name, n = stem, 1
-        while self._taken(name):  # pulled twice in one second
-            n += 1
-            name = f"{stem}-{n}"
+        name = self._free_name(f"pull-{'-'.join(sorted(names))}"[:40].rstrip("-._") +
+                               time.strftime("-%Y%m%d-%H%M%S"))  # pulled twice in a second
         text = tomli_w.dumps({"job": {"name": name, "kind": "download",
                                       "description": f"fluxgymctl models pull {' '.join(names)}"},
                               "download": {"models": list(names)}})

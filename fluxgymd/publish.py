@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import sys
 from pathlib import Path
 
@@ -54,41 +55,12 @@ def card_text(card: dict, repo: str) -> str:
     prompt = (trigger + ", " if trigger else "") + "a photo"
     use_trigger = (f"You should use `{trigger}` to trigger the image generation."
                    if trigger else "No trigger word was set.")
-    return f"""---
-{front}
----
-
-# {card.get('title') or repo.split('/')[-1]}
-
-A Flux LoRA trained with [fluxgymd](https://github.com/fluxgymd/fluxgymd), the supervised
-FluxGym trainer.
-
-<Gallery />
-
-## Trigger word
-
-{use_trigger}
-
-## Use it
-
-With diffusers:
-
-```py
-import torch
-from diffusers import FluxPipeline
-
-pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{repo}", weight_name="{lora}")
-image = pipe("{prompt}").images[0]
-```
-
-With ComfyUI (or Forge, SD.Next, Invoke): put `{lora}` in `models/loras/` and load it with
-a LoraLoaderModelOnly node on the Flux model.
-
-## Training settings
-
-{_settings_table(card.get('settings') or {})}
-"""
+    # the body is a template beside this module: its code sample is text, not imports
+    template = string.Template((Path(__file__).with_name("modelcard.md")).read_text("utf-8"))
+    return template.substitute(
+        front=front, title=card.get("title") or repo.split("/")[-1], use_trigger=use_trigger,
+        base=base, repo=repo, lora=lora, prompt=prompt,
+        settings=_settings_table(card.get("settings") or {}))
 
 
 def _http_error(e: BaseException, repo: str, token: str) -> Exception:

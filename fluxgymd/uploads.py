@@ -74,27 +74,19 @@ def free_name(folder: Path, name: str) -> str:
     return candidate
 
 
-def sniff(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
 def check_image(path: Path, name: str) -> tuple[int, int]:
     """The image's size, once it decoded whole; UploadError for anything else."""
     import warnings
 
     from PIL import Image
 
-    with open(path, "rb") as fh:
-        kind = sniff(fh.read(16))
-    if kind is None:
+    from trainer.preflight import sniff  # the header reader submit-time checks use
+
+    found = sniff(str(path))
+    if found is None:
         raise UploadError(f"{name}: not a PNG, JPEG or WebP image (its first bytes say "
                           "otherwise)", 415)
+    kind, width, height = found
     if os.path.splitext(name)[1].lower() not in EXTS_OF[kind]:
         raise UploadError(f"{name}: its bytes are a {kind.upper()} image; give it a "
                           f"{EXTS_OF[kind][0]} name", 415)
@@ -105,20 +97,12 @@ def check_image(path: Path, name: str) -> tuple[int, int]:
                 size = img.size
                 img.load()  # every pixel decoded once: a truncated file fails here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"{name}: declares {size_text(path)} pixels, over the "
+        raise UploadError(f"{name}: declares {width}x{height} pixels, over the "
                           f"decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels); "
                           "shrink it first", 413) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UploadError(f"{name}: cannot be decoded as an image ({e})", 415) from None
     return size
-
-
-def size_text(path: Path) -> str:
-    """The width×height an image file declares, read from its header only."""
-    from trainer.preflight import sniff as sniff_file
-
-    found = sniff_file(str(path))
-    return f"{found[1]}x{found[2]}" if found else "too many"
 
 
 class Drafts:

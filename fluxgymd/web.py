@@ -327,7 +327,8 @@ class Web(NewLoraPage):
             with open(path, "rb") as fh:
                 left = size
                 while left > 0:
-                    chunk = fh.read(min(left, 1 << 20))
+                    # off the loop: a cold disk must not hold up the daemon's supervision
+                    chunk = await asyncio.to_thread(fh.read, min(left, 1 << 20))
                     if not chunk:  # shrank since: the download is cut, not padded wrong
                         raise ConnectionResetError(f"{path} changed while it was sent")
                     await resp.write(chunk)

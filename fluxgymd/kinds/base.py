@@ -38,6 +38,26 @@ class Policy:
                 "(or start fluxgymd with --allow-command-jobs) and restart it")
 
 
+TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number",
+              list: "a list", dict: "a table"}
+
+
+def typed_keys(section: dict[str, Any], keys: dict[str, type], where: str,
+               errors: list[str]) -> dict[str, Any]:
+    """The keys of a kind's table that are known and of their type; one error for each
+    other (an integer is never a bool, and the reverse)."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        want = keys.get(key)
+        if want is None:
+            errors.append(f"unknown key {where}.{key}; known: {', '.join(keys)}")
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            errors.append(f"{where}.{key} must be {TYPE_NAMES.get(want, want.__name__)}")
+        else:
+            out[key] = value
+    return out
+
+
 class JobKind:
     name = ""
     section = ""  # the job file's table for this kind

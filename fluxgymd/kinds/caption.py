@@ -14,7 +14,7 @@ import tomli_w
 
 from trainer.caption import IMAGE_EXTS, TASKS  # stdlib at import: the child's own lists
 
-from .base import JobKind
+from .base import JobKind, typed_keys
 
 KEYS = {"dataset_dir": str, "model": str, "task": str, "trigger_word": str, "overwrite": bool,
         "batch_size": int, "num_beams": int, "max_new_tokens": int}
@@ -31,16 +31,7 @@ class CaptionKind(JobKind):
             errors.append("a caption job needs a [caption] section with dataset_dir and model "
                           "(see etc/jobs/caption.toml)")
             return {}
-        out: dict = {}
-        for key, value in section.items():
-            want = KEYS.get(key)
-            if want is None:
-                errors.append(f"unknown key caption.{key}; known: {', '.join(KEYS)}")
-            elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                what = "true or false" if want is bool else f"a {want.__name__}"
-                errors.append(f"caption.{key} must be {what}")
-            else:
-                out[key] = value
+        out = typed_keys(section, KEYS, "caption", errors)
         for key, (low, high) in LIMITS.items():
             if key in out and not low <= out[key] <= high:
                 errors.append(f"caption.{key} must be {low} to {high}, got {out[key]}")

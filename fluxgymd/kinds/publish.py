@@ -18,7 +18,7 @@ from typing import Any
 
 import tomli_w
 
-from .base import JobKind
+from .base import JobKind, typed_keys
 
 REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # the keys a lora or kohya job's own [publish] table may set (the job is that job)
@@ -45,15 +45,7 @@ def validate_keys(section: Any, keys: dict[str, type], where: str,
     if not isinstance(section, dict):
         errors.append(f"[{where}] must be a table with repo = \"OWNER/NAME\"")
         return {}
-    out: dict[str, Any] = {}
-    for key, value in section.items():
-        want = keys.get(key)
-        if want is None:
-            errors.append(f"unknown key {where}.{key}; known: {', '.join(keys)}")
-        elif not isinstance(value, want):
-            errors.append(f"{where}.{key} must be {'true or false' if want is bool else 'a string'}")
-        else:
-            out[key] = value
+    out = typed_keys(section, keys, where, errors)
     repo = out.get("repo")
     if repo is None:
         errors.append(f"missing {where}.repo, the Hub repo to publish to (repo = \"OWNER/NAME\")")
